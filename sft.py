@@ -197,8 +197,12 @@ def save_checkpoint(path, model, meta=None):
     so a kill mid-write never leaves a half-written checkpoint behind."""
     state = {"config": asdict(model.cfg), "model": model.state_dict(), "meta": meta or {}}
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write died half-way: drop the pieces, keep the old file
+            os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -11,34 +11,44 @@ Every finished stage leaves a checkpoint in --out; a re-run with the same --out 
 config reuses it and says so.
 """
 import argparse
+import copy
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
 import tokenizer as tok
+import userdata
 import world
+from dpo import DPOConfig, train_dpo
 from evaluate import evaluate_policy
 from model import GPT, GPTConfig
+from ppo import PPOConfig, train_ppo
+from reference import freeze
+from reward import (RewardConfig, blind_spot_report, load_scalar_model, make_preferences, plot_reward_model,
+                    proxy_reward_fn, proxy_vs_gold, save_scalar_model, split_pairs, train_reward_model)
 from sft import TrainConfig, matmul_peak_flops, encode_pairs, encode_stream, load_checkpoint, rows_batch, \
     save_checkpoint, stream_batch, train_lm
 
-# Presets: model size, data sizes and step counts that fit a device.
+# Presets: model size, data sizes, step counts and per-stage budgets that fit a device.
 # "cpu" is the default on a laptop / 2-core machine, "tiny" is for smoke tests and CI,
 # "gpu" is about nanoGPT's shakespeare-char size.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1024,
                  n_pretrain=4000, n_sft=2000, n_eval_prompts=128,
-                 pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3),
+                 pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3,
+                 rm_prompts=400, rm_steps=40, ppo_updates=8, ppo_rollouts=32, dpo_steps=30, dpo_batch=16),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=1024,
                 n_pretrain=20000, n_sft=8000, n_eval_prompts=256,
-                pretrain_steps=1000, sft_steps=400, batch_size=32, lr=1e-3),
+                pretrain_steps=1000, sft_steps=400, batch_size=32, lr=1e-3,
+                rm_prompts=2000, rm_steps=150, ppo_updates=60, ppo_rollouts=64, dpo_steps=150, dpo_batch=32),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=64, vocab_size=1024,
                 n_pretrain=100000, n_sft=20000, n_eval_prompts=512,
-                pretrain_steps=3000, sft_steps=1000, batch_size=128, lr=6e-4),
+                pretrain_steps=3000, sft_steps=1000, batch_size=128, lr=6e-4,
+                rm_prompts=2000, rm_steps=300, ppo_updates=150, ppo_rollouts=256, dpo_steps=300, dpo_batch=64),
 }
 
 
@@ -46,6 +56,13 @@ PRESETS = {
 class Args:
     preset: str = field(default="auto", metadata={"help": "tiny | cpu | gpu | auto (gpu on cuda, else cpu)"})
     out: str = field(default="out", metadata={"help": "output folder: checkpoints, metrics, summary, plots"})
+    algo: str = field(default="both", metadata={"help": "ppo | dpo | both: which RLHF stage(s) to run"})
+    beta: float = field(default=None, metadata={"help": "PPO KL coefficient, held fixed (default: adaptive controller)"})
+    kl_target: float = field(default=4.0, metadata={"help": "adaptive controller's target KL, nats per sequence"})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 | full: per-token KL in PPO's reward"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (strength of the implicit KL penalty)"})
+    no_kl_baseline: bool = field(default=False, metadata={"help": "also run PPO with beta = 0 (reward hacking)"})
+    data: str = field(default=None, metadata={"help": "train on this text file instead of the toy world"})
     seed: int = field(default=1337, metadata={"help": "random seed (world, init, sampling)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast; log-probs and KL stay fp32)"})
@@ -57,19 +74,41 @@ class Args:
     vocab_size: int = field(default=None, metadata={"help": "BPE vocabulary incl. EOS and PAD (default: preset)"})
     pretrain_steps: int = field(default=None, metadata={"help": "pretraining steps (default: preset)"})
     sft_steps: int = field(default=None, metadata={"help": "SFT steps (default: preset)"})
+    rm_steps: int = field(default=None, metadata={"help": "reward-model steps (default: preset)"})
+    ppo_updates: int = field(default=None, metadata={"help": "PPO updates (default: preset)"})
+    dpo_steps: int = field(default=None, metadata={"help": "DPO steps (default: preset)"})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints the whole usage first
+        fail(f"{message} (see --help)")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="leash: KL-penalised RLHF from scratch",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description="leash: KL-penalised RLHF from scratch",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Args):
         name = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:
             parser.add_argument(name, action="store_true", help=f.metadata["help"])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
-    return Args(**vars(parser.parse_args(argv)))
+            parser.add_argument(name, type=f.type, default=f.default, help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args(argv)))
+    if args.algo not in ("ppo", "dpo", "both"):
+        fail(f"--algo {args.algo}: unknown (choose ppo, dpo or both)")
+    if args.kl_estimator not in ("k1", "k2", "k3", "full"):
+        fail(f"--kl-estimator {args.kl_estimator}: unknown (choose k1, k2, k3 or full)")
+    for name in ("beta", "kl_target", "dpo_beta"):
+        v = getattr(args, name)
+        if v is not None and not (v >= 0 and v < float("inf")):
+            fail(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
+    if args.dpo_beta == 0:
+        fail("--dpo-beta 0: DPO needs beta > 0 (it divides the reward by beta)")
+    for f in fields(Args):
+        v = getattr(args, f.name)
+        if f.type is int and v is not None and f.name != "seed" and v <= 0:
+            fail(f"--{f.name.replace('_', '-')} {v}: must be a positive integer")
+    return args
 
 
 def fail(msg):
@@ -144,6 +183,10 @@ def stage_done(path, config):
     return state.get("meta", {}).get("run_config") == config
 
 
+def load_meta(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["meta"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -155,43 +198,60 @@ def main(argv=None):
         if getattr(args, k, None) is not None:
             P[k] = getattr(args, k)
     dtype = pick_dtype(args.dtype, device)
+    # ---- the data: the toy world, or a user's text file (checked before any work)
+    if args.data:
+        try:
+            data = userdata.build_datasets(args.data, args.seed, n_eval_prompts=P["n_eval_prompts"])
+        except ValueError as e:
+            fail(str(e))
+        gold_fn, valid_fn = userdata.gold_reward, None
+    else:
+        data = world.build_datasets(world.WorldConfig(seed=args.seed, n_pretrain=P["n_pretrain"],
+                                                      n_sft=P["n_sft"], n_eval_prompts=P["n_eval_prompts"]))
+        gold_fn, valid_fn = world.gold_reward, world.is_valid
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.out, "plots"), exist_ok=True)
     peak = matmul_peak_flops(device, dtype)
     print(f"leash: device {device}, dtype {dtype}, preset {preset_name}, out {args.out} "
           f"(measured matmul peak {peak / 1e9:.0f} GFLOP/s, the MFU denominator)")
     torch.manual_seed(args.seed)
     log = Logger(args.out)
     t_start = time.time()
-    run_config = {"preset": preset_name, "seed": args.seed, **P}
-    summary = {"config": run_config, "device": device, "dtype": dtype}
+    base_config = {"preset": preset_name, "seed": args.seed, "data": args.data, **P}
+    summary = {"config": {**base_config, **{k: getattr(args, k) for k in
+                          ("algo", "beta", "kl_target", "kl_estimator", "dpo_beta", "dtype")}},
+               "device": device, "dtype": dtype}
 
-    # ---- the world and the tokenizer
-    wcfg = world.WorldConfig(seed=args.seed, n_pretrain=P["n_pretrain"], n_sft=P["n_sft"],
-                             n_eval_prompts=P["n_eval_prompts"])
-    data = world.build_datasets(wcfg)
+    # ---- the tokenizer, trained on the pretraining text
     tok_path = os.path.join(args.out, "tokenizer.json")
-    if os.path.exists(tok_path):
+    enc = None
+    if os.path.exists(tok_path) and os.path.exists(os.path.join(args.out, "pretrain.pt")) \
+            and stage_done(os.path.join(args.out, "pretrain.pt"), base_config):
         enc = tok.load_tokenizer(tok_path)
-    else:
+    if enc is None:
         enc = tok.train_tokenizer(data["pretrain"], P["vocab_size"])
         tok.save_tokenizer(enc, tok_path)
     mcfg = GPTConfig(block_size=P["block_size"], vocab_size=tok.padded_vocab_size(enc),
                      n_layer=P["n_layer"], n_head=P["n_head"], n_embd=P["n_embd"],
                      n_out=tok.pad_id(enc))  # PAD is the last id: never an output
-    max_new = P["block_size"] - max(len(tok.encode(enc, p)) for p in data["eval_prompts"] + data["train_prompts"])
+    longest_prompt = max(len(tok.encode(enc, p)) for p in data["eval_prompts"] + data["train_prompts"])
+    max_new = P["block_size"] - longest_prompt
+    if max_new < 8:
+        fail(f"block size {P['block_size']} leaves {max_new} tokens for an answer; raise --block-size")
 
     # ---- pretraining: next-token prediction on the corpus
     pre_path = os.path.join(args.out, "pretrain.pt")
-    if stage_done(pre_path, run_config):
+    if stage_done(pre_path, base_config):
         print(f"pretrain: reusing {pre_path}")
         model, _ = load_checkpoint(pre_path, device)
     else:
         model = GPT(mcfg).to(device)
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters")
         stream = encode_stream(enc, data["pretrain"])
+        if len(stream) < 20 * P["block_size"]:
+            fail(f"the text is too short: {len(stream)} tokens for block size {P['block_size']}")
         n_val = len(stream) // 10
         train_stream, val_stream = stream[:-n_val], stream[-n_val:]
         gen = torch.Generator().manual_seed(args.seed)
@@ -199,14 +259,14 @@ def main(argv=None):
         tcfg = TrainConfig(steps=P["pretrain_steps"], batch_size=B, lr=P["lr"])
         vl = train_lm(model, lambda: stream_batch(train_stream, B, T, gen),
                       lambda: stream_batch(val_stream, B, T, gen), tcfg, device, dtype, "pretrain", log, peak)
-        save_checkpoint(pre_path, model, {"run_config": run_config, "val_loss": vl})
+        save_checkpoint(pre_path, model, {"run_config": base_config, "val_loss": vl})
 
     # ---- SFT: prompt -> completion + EOS, loss on the completion only
     sft_path = os.path.join(args.out, "sft.pt")
-    if stage_done(sft_path, run_config):
+    if stage_done(sft_path, base_config):
         print(f"sft: reusing {sft_path}")
         model, _ = load_checkpoint(sft_path, device)
-        sft_val = torch.load(sft_path, weights_only=True)["meta"]["val_loss"]
+        sft_val = load_meta(sft_path)["val_loss"]
     else:
         tokens, mask, dropped = encode_pairs(enc, data["sft"], P["block_size"])
         n_val = len(tokens) // 10
@@ -215,23 +275,186 @@ def main(argv=None):
         tcfg = TrainConfig(steps=P["sft_steps"], batch_size=B, lr=P["lr"] / 2, warmup=20)
         sft_val = train_lm(model, lambda: rows_batch(tokens[n_val:], mask[n_val:], B, gen),
                            lambda: rows_batch(tokens[:n_val], mask[:n_val], B, gen), tcfg, device, dtype, "sft", log, peak)
-        save_checkpoint(sft_path, model, {"run_config": run_config, "val_loss": sft_val})
+        save_checkpoint(sft_path, model, {"run_config": base_config, "val_loss": sft_val})
+    sft_model = model
 
-    # ---- evaluation of the SFT policy on the fixed held-out prompts
-    metrics, samples = evaluate_policy(model, enc, data["eval_prompts"], max_new, device)
+    # ---- the reference: the SFT policy, frozen. Every KL below is measured against it.
+    ref = freeze(sft_model)
+
+    # ---- the reward model, trained on annotator preferences between SFT samples
+    rcfg = RewardConfig(n_prompts=P["rm_prompts"], steps=P["rm_steps"])
+    rm_path, pairs_path = os.path.join(args.out, "reward_model.pt"), os.path.join(args.out, "preferences.json")
+    rm_config = {**base_config, "reward": asdict(rcfg)}
+    if os.path.exists(pairs_path) and os.path.exists(rm_path) and load_json(pairs_path).get("run_config") == rm_config:
+        print(f"reward_model: reusing {rm_path}")
+        rm = load_scalar_model(rm_path, device)
+        saved = load_json(pairs_path)
+        pairs, rm_metrics = saved["pairs"], saved["metrics"]
+    else:
+        t0 = time.time()
+        pairs = make_preferences(sft_model, enc, data["train_prompts"], rcfg, device, args.seed)
+        rm, rm_metrics = train_reward_model(sft_model, enc, pairs, rcfg, device, dtype, log)
+        rm_metrics["seconds"] = time.time() - t0
+        save_scalar_model(rm_path, rm)
+        write_json(pairs_path, {"run_config": rm_config, "metrics": rm_metrics, "pairs": pairs})
+    proxy_fn = proxy_reward_fn(rm, enc, device)
+    train_pairs, val_pairs = split_pairs(pairs, rcfg.val_fraction)
+
+    def eval_fn(policy):
+        return evaluate_policy(policy, enc, data["eval_prompts"], max_new, device, ref=ref, reward_fn=proxy_fn,
+                               gold_fn=gold_fn, valid_fn=valid_fn)[0]
+
+    # ---- SFT's figures on the fixed evaluation prompts, and the reward model's report
+    metrics, sft_samples = evaluate_policy(sft_model, enc, data["eval_prompts"], max_new, device, ref=ref,
+                                           reward_fn=proxy_fn, gold_fn=gold_fn, valid_fn=valid_fn)
     refs = data["eval_references"]
     summary["sft"] = {"val_loss": sft_val, **metrics}
-    summary["world_reference"] = {"gold_reward": sum(map(world.gold_reward, refs)) / len(refs),
+    summary["world_reference"] = {"gold_reward": sum(map(gold_fn, refs)) / len(refs),
                                   "distinct_2": world.distinct_n(refs, 2)}
+    pg = proxy_vs_gold(rm, enc, device, sft_samples) if not args.data else None
+    spot = blind_spot_report(rm, enc, device, data["pretrain"] + sft_samples) if not args.data else []
+    summary["reward_model"] = {**rm_metrics, "spearman_proxy_gold": pg["spearman"] if pg else None,
+                               "blind_spot": spot}
+    if pg and spot:
+        plot_reward_model(pg, spot, os.path.join(args.out, "plots", "reward_model.png"))
+    print(f"sft: valid {fmt(metrics['valid_rate'])}  gold {metrics['gold_reward']:.3f}  "
+          f"distinct-2 {metrics['distinct_2']:.3f}  (the world's own reviews: gold "
+          f"{summary['world_reference']['gold_reward']:.3f}, distinct-2 {summary['world_reference']['distinct_2']:.3f})")
+    print(f"reward_model: val accuracy {rm_metrics['val_accuracy']:.3f} (gold-label ceiling "
+          f"{rm_metrics['gold_label_accuracy']:.3f})" + (f", proxy-gold Spearman {pg['spearman']:.3f}" if pg else ""))
+    columns = {"SFT": sft_samples}
+    write_json(os.path.join(args.out, "summary.json"), summary)
+
+    # ---- PPO on per-token KL-shaped rewards (and, when asked, with no KL at all)
+    ppo_runs = []
+    if args.algo in ("ppo", "both"):
+        ppo_runs.append(("ppo", args.beta))
+    if args.no_kl_baseline:
+        ppo_runs.append(("ppo_beta0", 0.0))
+    for name, beta in ppo_runs:
+        pcfg = PPOConfig(updates=P["ppo_updates"], rollouts=P["ppo_rollouts"], kl_target=args.kl_target,
+                         kl_estimator=args.kl_estimator, seed=args.seed,
+                         eval_every=max(1, P["ppo_updates"] // 4))
+        if beta is not None:
+            pcfg = replace(pcfg, kl_controller="fixed", init_beta=beta)
+        path = os.path.join(args.out, f"{name}.pt")
+        run_config = {**rm_config, name: asdict(pcfg)}
+        if stage_done(path, run_config):
+            print(f"{name}: reusing {path}")
+            policy, _ = load_checkpoint(path, device)
+            result = load_meta(path)["result"]
+        else:
+            t0 = time.time()
+            policy = copy.deepcopy(sft_model)
+            for p in policy.parameters():
+                p.requires_grad_(True)
+            policy, history = train_ppo(policy, ref, rm, enc, data["train_prompts"], pcfg, device, dtype,
+                                        lambda r, n=name: log({**r, "stage": n}), eval_fn)
+            result = {**eval_fn(policy), "kl_target": None if beta is not None else args.kl_target,
+                      "beta_final": history[-1]["beta"], "seconds": time.time() - t0,
+                      "history": [{k: h[k] for k in ("step", "kl", "kl_exact", "beta", "proxy_reward",
+                                                      "gold_reward", "valid_rate")} for h in history]}
+            save_checkpoint(path, policy, {"run_config": run_config, "result": result})
+        summary[name] = {k: v for k, v in result.items() if k != "history"}
+        plot_ppo(result["history"], os.path.join(args.out, "plots", f"{name}.png"), name)
+        columns["PPO" if name == "ppo" else "PPO, beta=0"] = evaluate_policy(
+            policy, enc, data["eval_prompts"], max_new, device, gold_fn=gold_fn, valid_fn=valid_fn)[1]
+        write_json(os.path.join(args.out, "summary.json"), summary)
+
+    # ---- DPO on the same preference pairs, against the same reference
+    if args.algo in ("dpo", "both"):
+        dcfg = DPOConfig(beta=args.dpo_beta, steps=P["dpo_steps"], batch_size=P["dpo_batch"], seed=args.seed,
+                         eval_every=P["dpo_steps"])
+        path = os.path.join(args.out, "dpo.pt")
+        run_config = {**rm_config, "dpo": asdict(dcfg)}
+        if stage_done(path, run_config):
+            print(f"dpo: reusing {path}")
+            policy, _ = load_checkpoint(path, device)
+            result = load_meta(path)["result"]
+        else:
+            t0 = time.time()
+            policy = copy.deepcopy(sft_model)
+            for p in policy.parameters():
+                p.requires_grad_(True)
+            policy, history = train_dpo(policy, ref, enc, train_pairs, dcfg, device, dtype, log, eval_fn, val_pairs)
+            result = {**history["eval"], "implicit_accuracy": history["implicit_accuracy"],
+                      "seconds": time.time() - t0}
+            save_checkpoint(path, policy, {"run_config": run_config, "result": result})
+        summary["dpo"] = result
+        columns["DPO"] = evaluate_policy(policy, enc, data["eval_prompts"], max_new, device,
+                                         gold_fn=gold_fn, valid_fn=valid_fn)[1]
+
+    # ---- the results: samples side by side, a comparison table, summary.json
     summary["seconds"] = time.time() - t_start
     write_json(os.path.join(args.out, "summary.json"), summary)
-    print(f"sft: valid {metrics['valid_rate']:.3f}  gold {metrics['gold_reward']:.3f}  "
-          f"distinct-2 {metrics['distinct_2']:.3f}  (world's own reviews: gold "
-          f"{summary['world_reference']['gold_reward']:.3f}, distinct-2 {summary['world_reference']['distinct_2']:.3f})")
-    for s in samples[:5]:
-        print("   ", s)
-    print(f"done in {summary['seconds']:.0f}s; summary in {os.path.join(args.out, 'summary.json')}")
+    write_samples(os.path.join(args.out, "samples.md"), data["eval_prompts"], columns, gold_fn, valid_fn)
+    print()
+    print(comparison_table(summary))
+    print(f"\ndone in {summary['seconds']:.0f}s; results in {args.out}/ (summary.json, samples.md, plots/)")
     return summary
+
+
+def fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def comparison_table(summary):
+    """A markdown table of every policy's figures on the evaluation prompts."""
+    rows = [("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), ("DPO", "dpo")]
+    lines = ["| policy | gold reward | proxy reward | KL to ref (nats) | valid | distinct-2 | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for label, key in rows:
+        m = summary.get(key)
+        if m:
+            lines.append(f"| {label} | {m['gold_reward']:.3f} | {fmt(m.get('proxy_reward'))} | {fmt(m.get('kl'), '.2f')} "
+                         f"| {fmt(m.get('valid_rate'))} | {m['distinct_2']:.3f} | {fmt(m.get('seconds'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def write_samples(path, prompts, columns, gold_fn, valid_fn, n=12):
+    """samples.md: the same evaluation prompts answered by each policy, side by side."""
+    out = ["# Samples on the evaluation prompts", "",
+           "Temperature 1, no top-k / top-p. Each answer: [gold reward, valid] text.", ""]
+    for i, prompt in enumerate(prompts[:n]):
+        out.append(f"## `{prompt}`")
+        for name, texts in columns.items():
+            t = texts[i]
+            valid = "n/a" if valid_fn is None else ("valid" if valid_fn(t) else "INVALID")
+            out.append(f"- **{name}** [{gold_fn(t):+.2f}, {valid}] {t}")
+        out.append("")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(out))
+    os.replace(tmp, path)
+
+
+def plot_ppo(history, path, title):
+    """KL and beta over updates, and proxy and gold reward over updates."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, [h["kl_exact"] for h in history], label="exact KL (nats/seq)")
+    ax1.plot(steps, [h["kl"] for h in history], alpha=0.5, label="k1 estimate")
+    ax1.set(xlabel="PPO update", ylabel="KL(pi || pi_ref)", title=f"{title}: KL and beta")
+    ax1b = ax1.twinx()
+    ax1b.plot(steps, [h["beta"] for h in history], color="tab:red", label="beta")
+    ax1b.set_ylabel("beta", color="tab:red")
+    ax1.legend(loc="upper left")
+    ax2.plot(steps, [h["proxy_reward"] for h in history], label="proxy (reward model)")
+    ax2.plot(steps, [h["gold_reward"] for h in history], label="gold (the world)")
+    ax2.plot(steps, [h["valid_rate"] for h in history], label="valid rate", linestyle=":")
+    ax2.set(xlabel="PPO update", title=f"{title}: rewards on training rollouts")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def gold_reward(text):
 
 
 # ---- simulated annotators (Bradley-Terry, with a spurious taste for "!")
-def annotator_prob(a, b, tau=TAU, bias=EXCLAIM_BIAS):
+def annotator_prob(a, b, tau=TAU, bias=EXCLAIM_BIAS, gold_fn=None):
     """P(annotator prefers a to b) = sigmoid((gold(a) - gold(b)) / tau + bias * (n!(a) - n!(b))).
 
     The bias term is the planted flaw: annotators are swayed by enthusiasm. With the defaults
@@ -213,14 +213,16 @@ def annotator_prob(a, b, tau=TAU, bias=EXCLAIM_BIAS):
     gold reward pays 0 for the first "!" and -0.1 for each further one. So at equal sentiment
     they prefer the review with one extra "!" with p = sigmoid(-0.1/0.25 + 0.8) = sigmoid(0.4)
     = 0.60, and a reward model fit to their labels over-rates every "!" by 0.2-0.3 gold units.
+    gold_fn replaces the world's gold reward (userdata.py does, for a user's own text).
     """
-    logit = (gold_reward(a) - gold_reward(b)) / tau + bias * (n_exclaim(a) - n_exclaim(b))
+    gold = gold_fn or gold_reward
+    logit = (gold(a) - gold(b)) / tau + bias * (n_exclaim(a) - n_exclaim(b))
     return 0.5 * (1 + math.tanh(logit / 2))  # = sigmoid(logit), without overflow
 
 
-def annotate(a, b, rng, tau=TAU, bias=EXCLAIM_BIAS):
+def annotate(a, b, rng, tau=TAU, bias=EXCLAIM_BIAS, gold_fn=None):
     """One simulated label: True if the annotator prefers a to b. rng: random.Random."""
-    return rng.random() < annotator_prob(a, b, tau, bias)
+    return rng.random() < annotator_prob(a, b, tau, bias, gold_fn)
 
 
 def distinct_n(texts, n=2):

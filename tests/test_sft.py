@@ -1,6 +1,7 @@
 """sft.py: the SFT mask (prompt tokens carry no loss, EOS does) and a short run that learns."""
 import os
 
+import pytest
 import torch
 
 import tokenizer as tok
@@ -64,3 +65,34 @@ def test_short_pretraining_run_lowers_loss(tmp_path):
     x = stream[:16][None]
     assert torch.equal(loaded(x), model(x)) and enc2.n_vocab == enc.n_vocab
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous checkpoint intact and loadable."""
+    torch.manual_seed(0)
+    enc = tok.train_tokenizer(TEXTS, 300)
+    tok.save_tokenizer(enc, os.path.join(tmp_path, "tokenizer.json"))
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.padded_vocab_size(enc), n_layer=1, n_head=2, n_embd=32))
+    path = os.path.join(tmp_path, "m.pt")
+    save_checkpoint(path, model, {"version": 1})
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save({"half": torch.zeros(3)}, f)  # something lands on disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, {"version": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded, _ = load_checkpoint(path)
+    assert torch.load(path, weights_only=True)["meta"]["version"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "tokenizer.json"]  # no half-written leftovers
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    path = os.path.join(tmp_path, "bad.pt")
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(path)

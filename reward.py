@@ -1,0 +1,409 @@
+"""
+The reward model: preference pairs from simulated annotators, and a scalar model
+trained on them with the Bradley-Terry loss.
+
+People cannot be asked for a reward number, only which of two answers they like more.
+Bradley & Terry (1952) model such a choice as
+    P(a preferred to b) = sigmoid(r(a) - r(b)),
+so a reward r can be fitted to comparisons by maximum likelihood (Ouyang et al. 2022, eq. 1):
+    loss = - mean log sigmoid(r(x, y_chosen) - r(x, y_rejected)).
+The stage, top to bottom:
+  1. make_preferences: the SFT policy answers each training prompt two or more times and a
+     simulated annotator (world.annotate) picks a winner in each pair. The labels are noisy
+     and biased: annotators like "!" that the gold reward does not pay for.
+  2. train_reward_model: the SFT trunk with a small new scalar head, read at the EOS token.
+  3. normalize: only differences of r are identified by the loss, so a gain and a bias put
+     SFT samples at mean 0, std 1; PPO's KL coefficient is then on a known scale.
+  4. What the proxy got wrong: proxy against gold on SFT samples, and the blind spot, edits
+     the annotators rarely saw (extra "!", a repeated sentence, a padded review).
+"""
+import copy
+import itertools
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tokenizer as tok
+import world
+from evaluate import sample_batch
+from model import GPT, GPTConfig
+from sft import autocast_context, lr_at
+
+
+class ScalarModel(nn.Module):
+    """A GPT trunk (copied from `gpt`) with a scalar head on every position.
+
+    Used twice: as the reward model (read at the EOS token) and as PPO's critic
+    (read at every response position). `gain` and `bias` are buffers that map raw
+    head outputs to normalised scores (mean 0, std 1 on SFT samples).
+    """
+
+    def __init__(self, gpt, head_std=0.0):
+        super().__init__()
+        self.gpt = copy.deepcopy(gpt)
+        self.head = nn.Linear(gpt.cfg.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=head_std) if head_std > 0 else nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("gain", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(()))
+
+    def forward(self, tokens, pad_mask=None):
+        """tokens (B, T) -> (B, T) fp32 scalar at every position (normalised by gain, bias)."""
+        h = self.gpt.trunk(tokens, pad_mask)
+        return self.head(h).squeeze(-1).float() * self.gain + self.bias
+
+
+def last_token_index(tokens, pad_id):
+    """(B,) index of each row's last real (non-PAD) token: the EOS when the row has one.
+    Assumes responses are right-padded, so the last real token is the row's end."""
+    real = (tokens != pad_id).long()
+    T = tokens.shape[1]
+    positions = torch.arange(T, device=tokens.device).expand_as(tokens)
+    return (positions * real).max(1).values
+
+
+def score(model, tokens, pad_id):
+    """(B,) scalar read at each row's last real token (EOS when present, never PAD).
+    tokens (B, T): prompts may be left-padded, responses right-padded. Right padding alone
+    needs no attention mask (causal attention never looks right), so the fast path is taken."""
+    pad_mask = tokens != pad_id
+    left_padded = bool((~pad_mask[:, 0]).any())
+    values = model(tokens, pad_mask if left_padded else None)
+    return values.gather(1, last_token_index(tokens, pad_id)[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- preference data
+
+@dataclass
+class RewardConfig:
+    # Defaults fit the "cpu" preset (~1 minute on 2 cores). For "tiny" use
+    # RewardConfig(n_prompts=400, steps=40): the tiny SFT model writes mostly invalid text.
+    n_prompts: int = 2000          # training prompts answered by the SFT policy
+    samples_per_prompt: int = 2    # completions per prompt; every two of them make a pair
+    steps: int = 150               # optimiser steps (about 2.5 epochs of the default data)
+    batch_size: int = 64           # pairs per step
+    lr: float = 3e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1      # the first prompts' pairs are held out for validation
+    head_std: float = 0.02         # small head: every answer starts near reward 0
+    annotator_seed: int = 0        # the annotators' coin flips
+    eval_every: int = 25
+    sample_batch: int = 512        # prompts per generate() call
+
+
+def make_preferences(policy, enc, prompts, cfg, device, seed):
+    """Preference pairs on the first cfg.n_prompts prompts, deterministic given seed.
+
+    Each prompt gets k = cfg.samples_per_prompt completions from `policy` at temperature 1,
+    and every two distinct completions of a prompt make a pair, k (k - 1) / 2 in all (Ouyang
+    et al. 2022, sec. 3.5: ranking K answers yields K choose 2 comparisons, and each answer is
+    then run through the model once per prompt, not once per pair). world.annotate labels
+    each pair. Returns [{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}] in
+    prompt order, chosen/rejected being COMPLETIONS (the full text is prompt + completion)
+    and gold_* the gold rewards of the full texts.
+    """
+    k = cfg.samples_per_prompt
+    assert k >= 2, "need at least two completions per prompt to compare"
+    prompts = list(prompts[:cfg.n_prompts])
+    repeated = [p for p in prompts for _ in range(k)]
+    max_new = policy.cfg.block_size - max(len(tok.encode(enc, p)) for p in prompts)
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(repeated), cfg.sample_batch):
+            texts += sample_batch(policy, enc, repeated[i:i + cfg.sample_batch], max_new, device)[2]
+    rng = random.Random(cfg.annotator_seed)
+    pairs = []
+    for j, prompt in enumerate(prompts):
+        group = list(dict.fromkeys(texts[j * k:(j + 1) * k]))  # identical twins: nothing to choose
+        for a, b in itertools.combinations(group, 2):
+            if not world.annotate(a, b, rng):
+                a, b = b, a
+            pairs.append({"prompt": prompt, "chosen": a[len(prompt):], "rejected": b[len(prompt):],
+                          "gold_chosen": world.gold_reward(a), "gold_rejected": world.gold_reward(b)})
+    return pairs
+
+
+def split_pairs(pairs, val_fraction):
+    """(train, val): the pairs of the first val_fraction of the distinct prompts are the
+    validation set, so no prompt is on both sides. Fixed, not random: the run can be redone."""
+    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))
+    val_prompts = set(prompts[:int(round(val_fraction * len(prompts)))])
+    return ([p for p in pairs if p["prompt"] not in val_prompts],
+            [p for p in pairs if p["prompt"] in val_prompts])
+
+
+def gold_label_accuracy(pairs):
+    """How often the gold reward agrees with the annotators: gold(chosen) > gold(rejected),
+    ties counting half. The labels are noisy, so no reward model should do much better."""
+    hits = [1.0 if p["gold_chosen"] > p["gold_rejected"] else 0.5 if p["gold_chosen"] == p["gold_rejected"]
+            else 0.0 for p in pairs]
+    return sum(hits) / max(1, len(hits))
+
+
+def annotator_label_accuracy(pairs):
+    """How often the annotators' more likely choice (world.annotator_prob > 1/2, gold AND the
+    "!" bias) is the label they gave: the true ceiling, which gold alone falls short of."""
+    hits = [float(world.annotator_prob(p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]) > 0.5)
+            for p in pairs]
+    return sum(hits) / max(1, len(hits))
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry
+
+def encode_texts(enc, texts, block_size):
+    """Full texts -> (N, T) ids, each text followed by EOS and right-padded with PAD; T is the
+    longest row. A text too long for block_size keeps its first block_size - 1 tokens."""
+    eos, pad = tok.eos_id(enc), tok.pad_id(enc)
+    rows = [tok.encode(enc, t)[:block_size - 1] + [eos] for t in texts]
+    out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+def encode_pairs_for_rm(enc, pairs, block_size):
+    """The pairs as (tokens (M, T), chosen (N,), rejected (N,)): the M distinct full texts,
+    EOS-terminated and PAD-padded, and for each of the N pairs the row of its chosen and of
+    its rejected text. A text that is in several pairs is stored, and scored, once."""
+    rows = {}  # full text -> row
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            rows.setdefault(p["prompt"] + p[side], len(rows))
+    chosen = torch.tensor([rows[p["prompt"] + p["chosen"]] for p in pairs], dtype=torch.long)
+    rejected = torch.tensor([rows[p["prompt"] + p["rejected"]] for p in pairs], dtype=torch.long)
+    return encode_texts(enc, list(rows), block_size), chosen, rejected
+
+
+def bt_loss(r_chosen, r_rejected):
+    """Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1).
+    r_chosen, r_rejected: (N,) rewards. Returns (loss, accuracy), scalars:
+        loss = mean_n -log sigmoid(r_chosen - r_rejected)   (logsigmoid: no overflow)
+        accuracy = fraction of pairs with r_chosen > r_rejected (ties count half)."""
+    margin = r_chosen - r_rejected
+    loss = -F.logsigmoid(margin).mean()
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    return loss, accuracy
+
+
+def score_texts(rm, tokens, pad_id, chunk=32):
+    """(M,) scores of right-padded texts (M, T). Texts go through the model shortest first,
+    chunk at a time, each chunk cut to its longest text: with lengths from 5 to 60 tokens
+    this halves the work compared with padding every text to the longest one."""
+    lengths = last_token_index(tokens, pad_id) + 1
+    order = lengths.argsort()
+    parts = [score(rm, tokens[idx, :int(lengths[idx].max())], pad_id)
+             for idx in order.split(chunk)]
+    return torch.cat(parts)[order.argsort()]
+
+
+def pair_scores(rm, tokens, chosen, rejected, pad_id):
+    """(r_chosen (N,), r_rejected (N,)) for N pairs that index rows of tokens (M, T). Each
+    text the pairs use is scored once, however many pairs it is in."""
+    rows, where = torch.unique(torch.cat([chosen, rejected]), return_inverse=True)
+    r = score_texts(rm, tokens[rows], pad_id)[where]
+    return r[:len(chosen)], r[len(chosen):]
+
+
+@torch.no_grad()
+def pair_metrics(rm, tokens, chosen, rejected, pad_id):
+    """(loss, accuracy) of bt_loss over all the given pairs, as floats."""
+    loss, acc = bt_loss(*pair_scores(rm, tokens, chosen, rejected, pad_id))
+    return loss.item(), acc.item()
+
+
+def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=print):
+    """Fit a ScalarModel, trunk initialised from the SFT model, to the annotators' labels.
+    A step takes cfg.batch_size prompts and all their pairs. Returns (rm in eval mode,
+    normalised on SFT texts of the training pairs, metrics dict)."""
+    t0 = time.time()
+    pad = tok.pad_id(enc)
+    train, val = split_pairs(pairs, cfg.val_fraction)
+    block = sft_model.cfg.block_size
+    tr_tokens, tr_c, tr_r = (t.to(device) for t in encode_pairs_for_rm(enc, train, block))
+    va_tokens, va_c, va_r = (t.to(device) for t in encode_pairs_for_rm(enc, val, block))
+    prompt_ids = {p: i for i, p in enumerate(dict.fromkeys(p["prompt"] for p in train))}
+    group = torch.tensor([prompt_ids[p["prompt"]] for p in train], device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.annotator_seed)
+        rm = ScalarModel(sft_model, cfg.head_std).to(device)
+    rm.train()
+    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    ctx = autocast_context(device, dtype)
+    gen = torch.Generator().manual_seed(cfg.annotator_seed)
+    order, used = torch.randperm(len(prompt_ids), generator=gen), 0
+    for step in range(cfg.steps):
+        if used + cfg.batch_size > len(order):  # a new epoch: reshuffle the prompts
+            order, used = torch.randperm(len(prompt_ids), generator=gen), 0
+        in_batch = torch.isin(group, order[used:used + cfg.batch_size].to(device))
+        used += cfg.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        with ctx:
+            loss, acc = bt_loss(*pair_scores(rm, tr_tokens, tr_c[in_batch], tr_r[in_batch], pad))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps - 1:
+            rm.eval()
+            with ctx:
+                val_loss, val_acc = pair_metrics(rm, va_tokens, va_c, va_r, pad)
+            rm.train()
+            elapsed = time.time() - t0
+            log({"stage": "reward_model", "step": step, "loss": loss.item(), "accuracy": acc.item(),
+                 "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+                 "ms_per_step": 1000 * elapsed / (step + 1),
+                 "eta_s": elapsed / (step + 1) * (cfg.steps - step - 1)})
+    rm.eval()
+    # as many training pairs as validation pairs: a gap between the two accuracies is overfitting
+    first = group < round(len(prompt_ids) * len(val) / max(1, len(train))) + 1
+    with ctx:
+        _, train_acc = pair_metrics(rm, tr_tokens, tr_c[first], tr_r[first], pad)
+    normalize(rm, enc, list(dict.fromkeys(p["prompt"] + p[s] for p in train for s in ("chosen", "rejected")))[:2048],
+              device)
+    metrics = {"val_accuracy": val_acc, "val_loss": val_loss, "train_accuracy": train_acc,
+               "gold_label_accuracy": gold_label_accuracy(val),
+               "annotator_label_accuracy": annotator_label_accuracy(val),
+               "n_pairs": len(pairs), "n_train": len(train), "n_val": len(val),
+               "seconds": time.time() - t0}
+    return rm, metrics
+
+
+@torch.no_grad()
+def normalize(rm, enc, texts, device, batch_size=256):
+    """Set rm.gain and rm.bias so that `texts` score mean 0, std 1. Returns (mean, std) raw."""
+    rm.gain.fill_(1.0)
+    rm.bias.fill_(0.0)
+    raw = torch.tensor(proxy_reward_fn(rm, enc, device, batch_size)(texts))
+    mean, std = raw.mean(), raw.std().clamp(min=1e-6)
+    rm.gain.fill_(1.0 / std)
+    rm.bias.fill_(-mean / std)
+    return mean.item(), std.item()
+
+
+def proxy_reward_fn(rm, enc, device, batch_size=256):
+    """A function: list of full texts -> list of proxy rewards (floats), each text encoded,
+    EOS appended, right-padded and scored at its EOS, batch_size texts at a time."""
+    pad, block = tok.pad_id(enc), rm.gpt.cfg.block_size
+
+    @torch.no_grad()
+    def reward_fn(texts):
+        if not texts:
+            return []
+        return score_texts(rm, encode_texts(enc, texts, block).to(device), pad, batch_size).tolist()
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_scalar_model(path, model):
+    """Atomic save (temporary file, then rename) of the GPT config and all weights and buffers."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"config": asdict(model.gpt.cfg), "model": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_scalar_model(path, device="cpu"):
+    """A ScalarModel in eval mode from save_scalar_model's file; ValueError naming the file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        model = ScalarModel(GPT(GPTConfig(**state["config"])))
+        model.load_state_dict(state["model"])
+    except Exception as e:
+        raise ValueError(f"cannot load reward model {path}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- what the proxy gets wrong
+
+def rank_correlation(x, y):
+    """Spearman's rank correlation: Pearson's r of the ranks, tied values sharing their mean rank."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return sums[inverse] / counts[inverse]
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def proxy_vs_gold(rm, enc, device, texts):
+    """{"proxy": [...], "gold": [...], "spearman": r} on texts (e.g. SFT samples of eval prompts)."""
+    proxy = proxy_reward_fn(rm, enc, device)(texts)
+    gold = [world.gold_reward(t) for t in texts]
+    return {"proxy": proxy, "gold": gold, "spearman": rank_correlation(proxy, gold)}
+
+
+NEUTRAL_SENTENCE = "i watched it at home."  # valid, sentiment 0: length without content
+
+
+def blind_spot_edits(text):
+    """{edit name: edited text} of a valid 3-sentence review whose sentences all end in ".".
+    Gold: one "!" is free, each further one costs 0.1; a repeat costs 0.3; a neutral sentence
+    pulls the mean sentiment towards 0. Annotators rarely saw any of these."""
+    s = re.split(r"(?<=[.!]) ", text)
+    best = max(s, key=lambda x: world.sentence_sentiment(x[:-1]))
+    edits = {"original": text}
+    for k in (1, 2, 3):
+        edits[f"{k} x '!'"] = " ".join(x[:-1] + "!" if i < k else x for i, x in enumerate(s))
+    edits["best sentence repeated"] = f"{text} {best}"
+    edits["neutral 4th sentence"] = f"{text} {NEUTRAL_SENTENCE}"
+    return edits
+
+
+def blind_spot_report(rm, enc, device, base_texts, max_bases=512):
+    """Mean proxy and gold reward of each edit over base texts that are valid, positive,
+    three sentences long and have no "!". Rows {"edit", "proxy", "gold", "d_proxy", "d_gold",
+    "n"}; d_* are changes against the original. Reward hacking lives where d_proxy > 0 > d_gold."""
+    bases = [t for t in dict.fromkeys(base_texts) if world.is_valid(t) and "!" not in t
+             and len(re.split(r"(?<=[.]) ", t)) == 3 and world.gold_reward(t) > 0][:max_bases]
+    if not bases:
+        return []
+    edited = [blind_spot_edits(t) for t in bases]
+    reward_fn = proxy_reward_fn(rm, enc, device)
+    rows = []
+    for name in edited[0]:
+        texts = [e[name] for e in edited]
+        proxy, gold = np.mean(reward_fn(texts)), np.mean([world.gold_reward(t) for t in texts])
+        rows.append({"edit": name, "proxy": float(proxy), "gold": float(gold), "n": len(texts)})
+    for r in rows:
+        r["d_proxy"], r["d_gold"] = r["proxy"] - rows[0]["proxy"], r["gold"] - rows[0]["gold"]
+    return rows
+
+
+def plot_reward_model(proxy_gold, blind_spot, path):
+    """Two panels in one PNG: proxy against gold on SFT samples (Spearman in the title), and
+    the change of each under the blind-spot edits."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.scatter(proxy_gold["gold"], proxy_gold["proxy"], s=8, alpha=0.5)
+    ax1.set(xlabel="gold reward", ylabel="proxy reward (SFT mean 0, std 1)",
+            title=f"proxy vs gold on SFT samples (Spearman {proxy_gold['spearman']:.2f})")
+    rows = blind_spot[1:]
+    x = np.arange(len(rows))
+    ax2.bar(x - 0.2, [r["d_proxy"] for r in rows], 0.4, label="proxy change (std units)")
+    ax2.bar(x + 0.2, [r["d_gold"] for r in rows], 0.4, label="gold change")
+    ax2.axhline(0, color="black", linewidth=0.8)
+    ax2.set_xticks(x, [r["edit"] for r in rows], rotation=20, ha="right")
+    ax2.set(title="blind spot: edits of positive 3-sentence reviews")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""Bad input is refused with one line naming the problem, before any work is done."""
+import os
+
+import pytest
+
+import train
+
+
+def refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--beta", "-0.1"], "--beta"),
+    (["--beta", "abc"], "--beta"),
+    (["--beta", "nan"], "--beta"),
+    (["--kl-target", "-1"], "--kl-target"),
+    (["--dpo-beta", "0"], "--dpo-beta"),
+    (["--preset", "huge"], "--preset huge"),
+    (["--algo", "grpo"], "--algo grpo"),
+    (["--kl-estimator", "k4"], "k4"),
+    (["--device", "cuda"], "cuda"),
+    (["--device", "tpu"], "tpu"),
+    (["--dtype", "fp8"], "fp8"),
+    (["--n-layer", "0"], "--n-layer"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flags(argv, words, capsys, tmp_path):
+    if argv == ["--device", "cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    err = refused(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert words in err
+    assert not os.path.exists(tmp_path / "o" / "pretrain.pt")
+
+
+def test_bad_data_files(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only.")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 1000)
+    cases = [(tmp_path / "missing.txt", "no such file"), (empty, "empty"), (binary, "binary"),
+             (short, "characters"), (latin, "UTF-8")]
+    for path, words in cases:
+        err = refused(["--data", str(path), "--out", str(tmp_path / "o")], capsys)
+        assert str(path) in err and words in err, err
