@@ -8,14 +8,16 @@ sampled. Hence the estimators of Schulman, "Approximating KL Divergence" (2020),
 with log r = ref_logp - logp = log pi_ref(x) - log pi(x) and x ~ pi:
 
     k1 = -log r              unbiased, noisy, negative whenever pi_ref(x) > pi(x)
-    k2 = (log r)^2 / 2       biased (low for small KL), always >= 0
+    k2 = (log r)^2 / 2       biased (little, near pi_ref), always >= 0
     k3 = (r - 1) - log r     unbiased, always >= 0, low variance near pi_ref
 
 Why does a logged KL come out negative? The true KL never is, but the mean of k1
-over a batch can be: half the sampled tokens may be ones the reference likes more.
+over a batch can be: many sampled tokens are ones the reference likes more (k1 < 0),
+and a few hundred samples do not average that noise away (see the demo's seq<0).
 
-Which estimator is "right" depends on what you do with it. With x ~ pi and the
-sampling itself not differentiated (tests/test_kl.py checks each line exactly):
+Which estimator is "right" depends on what you do with it. With x ~ pi, the
+sampling itself not differentiated, per position given its prefix (tests/test_kl.py
+checks each line exactly):
 
     used as ...                          expected gradient
     reward, REINFORCE/PPO (k1)           grad KL(pi || pi_ref)            exact
@@ -216,42 +218,51 @@ class LinearKLSchedule:
 
 # ----------------------------------------------------------------------------- demo
 
-def _demo_models(out):
-    """(policy, reference, prompt (1, P), eos_id, pad_id, description)."""
+def _demo_models(out, n):
+    """(policy, reference, prompts (n, P) left-padded, eos_id, pad_id, description)."""
     from model import GPT, GPTConfig
     sft_path, pre_path = os.path.join(out, "sft.pt"), os.path.join(out, "pretrain.pt")
     if os.path.exists(sft_path) and os.path.exists(pre_path):
         import tokenizer as tok
+        import world
+        from evaluate import left_pad
         from sft import load_checkpoint
         policy, enc = load_checkpoint(sft_path)
         ref, _ = load_checkpoint(pre_path)
-        eos = tok.eos_id(enc)  # the corpus is reviews joined by EOS: what follows starts one
-        return policy, ref, torch.tensor([[eos]]), eos, tok.pad_id(enc), f"{sft_path} vs {pre_path}"
+        cfg = world.WorldConfig(n_pretrain=0, n_sft=0, n_train_prompts=0, n_eval_prompts=n)
+        prompts = [tok.encode(enc, p) for p in world.build_datasets(cfg)["eval_prompts"]]
+        return (policy, ref, left_pad(prompts, tok.pad_id(enc)), tok.eos_id(enc), tok.pad_id(enc),
+                f"{sft_path} vs its parent {pre_path}")
     policy = GPT(GPTConfig(block_size=72, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
     ref = copy.deepcopy(policy)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    # eos = pad = -1: never sampled, so every completion has exactly max_new_tokens
-    return policy.eval(), ref.eval(), torch.tensor([[0]]), -1, -1, "random GPT vs noisy copy"
+    # prompt: token 0; eos = pad = -1 is never sampled, so every completion is full length
+    prompts = torch.zeros(n, 1, dtype=torch.long)
+    return policy.eval(), ref.eval(), prompts, -1, -1, "random GPT vs a copy + N(0, 0.05^2) weight noise"
 
 
 @torch.no_grad()
 def demo(out="out", n=256, lengths=(4, 8, 16, 32, 64)):
     from reference import response_mask, token_logprobs
     torch.manual_seed(0)
-    policy, ref, prompt, eos, pad, what = _demo_models(out)
+    policy, ref, prompts, eos, pad, what = _demo_models(out, n)
     print(f"KL(pi || pi_ref) estimators, {n} samples per length: {what}\n"
           "full = exact KL over the vocabulary at each sampled prefix; seq<0 = share of "
           "sequences whose estimate is negative")
-    print(f"{'max_new':>7} {'len':>5} {'est':>4} | {'tok mean':>9} {'tok std':>8} | {'seq mean':>9} {'seq std':>8} {'seq<0':>6}")
     stats = {e: [] for e in ("k1", "k2", "k3", "full")}
-    lengths = [L for L in lengths if prompt.shape[1] + L <= policy.cfg.block_size]
+    fits = [L for L in lengths if prompts.shape[1] + L <= policy.cfg.block_size]
+    if len(fits) < len(lengths):
+        print(f"(skipping max_new_tokens {[L for L in lengths if L not in fits]}: longer than block_size)")
+    lengths = fits
+    print(f"{'max_new':>7} {'len':>5} {'est':>4} | {'tok mean':>9} {'tok std':>8} | "
+          f"{'seq mean':>9} {'seq std':>8} {'seq<0':>6}")
     for L in lengths:
-        tokens, _ = policy.generate(prompt.expand(n, -1), L, eos, pad)
+        tokens, _ = policy.generate(prompts, L, eos, pad)
         logp, logits = token_logprobs(policy, tokens, pad, return_logits=True)
         ref_logp, ref_logits = token_logprobs(ref, tokens, pad, return_logits=True)
-        mask = response_mask(tokens, prompt.shape[1], pad)
+        mask = response_mask(tokens, prompts.shape[1], pad)
         for e in stats:
             tok_est = token_kl(logp, ref_logp, e, logits, ref_logits)[mask.bool()]
             seq = sequence_kl(logp, ref_logp, mask, e, logits, ref_logits)
@@ -265,12 +276,16 @@ def demo(out="out", n=256, lengths=(4, 8, 16, 32, 64)):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for e, rows in stats.items():
         mean, std = zip(*rows)
-        left.errorbar(lengths, mean, yerr=[s / n ** 0.5 for s in std], label=e, capsize=3)
-        right.plot(lengths, std, marker="o", label=e)
+        label = "full (exact)" if e == "full" else e
+        left.errorbar(lengths, mean, yerr=[s / n ** 0.5 for s in std], label=label, capsize=3)
+        right.plot(lengths, std, marker="o", label=label)
     left.set(xscale="log", xlabel="max_new_tokens", ylabel="nats per sequence",
              title="mean per-sequence KL (+- 1 s.e.)")
     right.set(xscale="log", yscale="log", xlabel="max_new_tokens", ylabel="nats per sequence",
               title="spread (std) of the per-sequence estimate")
+    for ax in (left, right):
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
     left.legend()
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     path = os.path.join(out, "plots", "kl_estimators.png")
@@ -281,7 +296,8 @@ def demo(out="out", n=256, lengths=(4, 8, 16, 32, 64)):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="KL estimators vs the exact KL on policy samples")
-    parser.add_argument("--out", default="out", help="folder with sft.pt and pretrain.pt; plots go to OUT/plots")
+    parser.add_argument("--out", default="out",
+                        help="folder with sft.pt and pretrain.pt; plots go to OUT/plots")
     parser.add_argument("--n", type=int, default=256, help="samples per completion length")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))

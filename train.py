@@ -142,7 +142,11 @@ def pick_dtype(name, device):
 
 
 class Logger:
-    """Appends every record to metrics.jsonl and prints a one-line summary of it."""
+    """Appends every record to metrics.jsonl (all keys) and prints one progress line
+    with the keys a practitioner watches (the ones present in the record)."""
+    SHOW = ["loss", "val_loss", "accuracy", "val_accuracy", "margin", "proxy_reward", "gold_reward",
+            "kl_exact", "kl_max", "beta", "entropy", "clipfrac", "approx_kl", "explained_variance",
+            "valid_rate", "length"]
 
     def __init__(self, out):
         self.path = os.path.join(out, "metrics.jsonl")
@@ -150,17 +154,24 @@ class Logger:
     def __call__(self, rec):
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        parts = [f"{rec['stage']:>8} step {rec['step']:>5}"]
-        for k, v in rec.items():
-            if k in ("stage", "step"):
-                continue
-            if k == "eta_s":
-                parts.append(f"eta {v:5.0f}s")
-            elif k == "mfu":
-                parts.append(f"mfu {100 * v:4.1f}%")
-            elif isinstance(v, float):
-                parts.append(f"{k} {v:.4g}")
+        parts = [f"{rec['stage']:>9} {rec['step']:>5}"]
+        parts += [f"{k} {rec[k]:.4g}" for k in self.SHOW if isinstance(rec.get(k), float)]
+        if "ms_per_step" in rec:
+            parts.append(f"{rec['ms_per_step']:.0f} ms/step")
+        if "seconds" in rec:
+            parts.append(f"{rec['seconds']:.2f} s/update")
+        if "pairs_per_s" in rec:
+            parts.append(f"{rec['pairs_per_s']:.0f} pairs/s")
+        if "tok_per_s" in rec:
+            parts.append(f"{rec['tok_per_s']:.0f} tok/s")
+        if isinstance(rec.get("mfu"), float):
+            parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+        if "eta_s" in rec:
+            parts.append(f"eta {rec['eta_s']:.0f}s")
         print(" | ".join(parts), flush=True)
+        evals = {k[5:]: v for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)}
+        if evals:  # PPO's periodic evaluation on the held-out prompts
+            print(" " * 16 + "eval: " + "  ".join(f"{k} {v:.3f}" for k, v in evals.items()), flush=True)
 
 
 def write_json(path, obj):
@@ -181,6 +192,24 @@ def stage_done(path, config):
         print(f"note: {path} is unreadable; redoing that stage")
         return False
     return state.get("meta", {}).get("run_config") == config
+
+
+def rlhf_stage(name, path, run_config, train_fn, device):
+    """Reuse a finished stage (its checkpoint and result), or run train_fn() -> (policy,
+    result) and save both atomically."""
+    if stage_done(path, run_config):
+        print(f"{name}: reusing {path}")
+        return load_checkpoint(path, device)[0], load_meta(path)["result"]
+    policy, result = train_fn()
+    save_checkpoint(path, policy, {"run_config": run_config, "result": result})
+    return policy, result
+
+
+def trainable_copy(model):
+    policy = copy.deepcopy(model)
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    return policy
 
 
 def load_meta(path):
@@ -337,24 +366,17 @@ def main(argv=None):
                          eval_every=max(1, P["ppo_updates"] // 4))
         if beta is not None:
             pcfg = replace(pcfg, kl_controller="fixed", init_beta=beta)
-        path = os.path.join(args.out, f"{name}.pt")
         run_config = {**rm_config, name: asdict(pcfg)}
-        if stage_done(path, run_config):
-            print(f"{name}: reusing {path}")
-            policy, _ = load_checkpoint(path, device)
-            result = load_meta(path)["result"]
-        else:
+
+        def run_ppo(pcfg=pcfg, name=name, beta=beta):
             t0 = time.time()
-            policy = copy.deepcopy(sft_model)
-            for p in policy.parameters():
-                p.requires_grad_(True)
-            policy, history = train_ppo(policy, ref, rm, enc, data["train_prompts"], pcfg, device, dtype,
-                                        lambda r, n=name: log({**r, "stage": n}), eval_fn)
-            result = {**eval_fn(policy), "kl_target": None if beta is not None else args.kl_target,
-                      "beta_final": history[-1]["beta"], "seconds": time.time() - t0,
-                      "history": [{k: h[k] for k in ("step", "kl", "kl_exact", "beta", "proxy_reward",
-                                                      "gold_reward", "valid_rate")} for h in history]}
-            save_checkpoint(path, policy, {"run_config": run_config, "result": result})
+            policy, history = train_ppo(trainable_copy(sft_model), ref, rm, enc, data["train_prompts"], pcfg,
+                                        device, dtype, lambda r: log({**r, "stage": name}), eval_fn)
+            return policy, {**eval_fn(policy), "kl_target": None if beta is not None else args.kl_target,
+                            "beta_final": history[-1]["beta"], "seconds": time.time() - t0,
+                            "history": [{k: h[k] for k in ("step", "kl", "kl_exact", "beta", "proxy_reward",
+                                                            "gold_reward", "valid_rate")} for h in history]}
+        policy, result = rlhf_stage(name, os.path.join(args.out, f"{name}.pt"), run_config, run_ppo, device)
         summary[name] = {k: v for k, v in result.items() if k != "history"}
         plot_ppo(result["history"], os.path.join(args.out, "plots", f"{name}.png"), name)
         columns["PPO" if name == "ppo" else "PPO, beta=0"] = evaluate_policy(
@@ -365,21 +387,15 @@ def main(argv=None):
     if args.algo in ("dpo", "both"):
         dcfg = DPOConfig(beta=args.dpo_beta, steps=P["dpo_steps"], batch_size=P["dpo_batch"], seed=args.seed,
                          eval_every=P["dpo_steps"])
-        path = os.path.join(args.out, "dpo.pt")
         run_config = {**rm_config, "dpo": asdict(dcfg)}
-        if stage_done(path, run_config):
-            print(f"dpo: reusing {path}")
-            policy, _ = load_checkpoint(path, device)
-            result = load_meta(path)["result"]
-        else:
+
+        def run_dpo():
             t0 = time.time()
-            policy = copy.deepcopy(sft_model)
-            for p in policy.parameters():
-                p.requires_grad_(True)
-            policy, history = train_dpo(policy, ref, enc, train_pairs, dcfg, device, dtype, log, eval_fn, val_pairs)
-            result = {**history["eval"], "implicit_accuracy": history["implicit_accuracy"],
-                      "seconds": time.time() - t0}
-            save_checkpoint(path, policy, {"run_config": run_config, "result": result})
+            policy, history = train_dpo(trainable_copy(sft_model), ref, enc, train_pairs, dcfg, device, dtype,
+                                        log, eval_fn, val_pairs)
+            return policy, {**history["eval"], "implicit_accuracy": history["implicit_accuracy"],
+                            "seconds": time.time() - t0}
+        policy, result = rlhf_stage("dpo", os.path.join(args.out, "dpo.pt"), run_config, run_dpo, device)
         summary["dpo"] = result
         columns["DPO"] = evaluate_policy(policy, enc, data["eval_prompts"], max_new, device,
                                          gold_fn=gold_fn, valid_fn=valid_fn)[1]
@@ -458,4 +474,10 @@ def load_json(path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FloatingPointError as e:  # a loss went NaN/inf: stop, keep every finished stage
+        fail(f"{e}; finished stages are kept in their checkpoints")
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are saved; the same command resumes from there", file=sys.stderr)
+        sys.exit(130)
