@@ -58,8 +58,17 @@ def progress(label):
     return log
 
 
-def run_ppo(env, label, cfg):
-    """Train a fresh copy of the SFT policy; returns history, final eval metrics, samples."""
+def run_ppo(env, label, cfg, out=None):
+    """Train a fresh copy of the SFT policy; returns history, final eval metrics, samples.
+    With `out`, the result is kept in OUT/ppo_runs/<label>.json and reused by any later
+    experiment that asks for the same label and config (hacking and overopt share beta=0)."""
+    path = out and os.path.join(out, "ppo_runs", label.replace("=", "").replace(" ", "_") + ".json")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["config"] == asdict(cfg):
+            print(f"{label}: reusing {path}")
+            return cached
     policy = freeze(env["sft"])  # a detached copy...
     for p in policy.parameters():
         p.requires_grad_(True)  # ...made trainable again
@@ -69,8 +78,13 @@ def run_ppo(env, label, cfg):
     policy, history = train_ppo(policy, ref, env["rm"], env["enc"], env["data"]["train_prompts"], cfg,
                                 env["device"], log=progress(label), eval_fn=eval_fn)
     metrics, samples = env["evaluate"](policy)
-    return dict(label=label, config=asdict(cfg), seconds=time.time() - t0, history=history,
-                final=metrics, samples=samples)
+    result = dict(label=label, config=asdict(cfg), seconds=time.time() - t0, history=history,
+                  final=metrics, samples=samples)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f)
+    return result
 
 
 def sft_baseline(env):
@@ -102,12 +116,17 @@ def smooth(xs, k=5):
 
 # ----------------------------------------------------------------------------- 1. reward hacking
 
+def no_penalty(cfg, beta=0.0):
+    """A fixed (by default zero) KL coefficient, evaluated often enough to trace a curve."""
+    return replace(cfg, kl_controller="fixed", init_beta=beta, eval_every=max(1, cfg.updates // 12))
+
+
 def hacking(env, cfg, out):
     """beta = 0 (no KL penalty) against the adaptive controller: same seed, same budget."""
     import matplotlib.pyplot as plt
     runs = [sft_baseline(env),
-            run_ppo(env, "beta=0", replace(cfg, kl_controller="fixed", init_beta=0.0)),
-            run_ppo(env, "adaptive", cfg)]
+            run_ppo(env, "beta=0", no_penalty(cfg), out),
+            run_ppo(env, "adaptive", cfg, out)]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for key, ax in zip(("proxy_reward", "gold_reward", "valid_rate", "kl_exact"), axes.flat):
         for r in runs[1:]:
@@ -132,7 +151,7 @@ def controller(env, cfg, out, targets=None):
     exact per-sequence KL over the last quarter of the updates should be within 25%."""
     import matplotlib.pyplot as plt
     targets = targets or [cfg.kl_target]
-    runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t)) for t in targets]
+    runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
     fig, (ax_kl, ax_beta) = plt.subplots(1, 2, figsize=(10, 4))
     print("\n| KL target (nats/seq) | mean KL, last quarter | ratio | final beta | eval gold | eval valid |\n|---|---|---|---|---|---|")
     for r, t in zip(runs, targets):
@@ -161,8 +180,7 @@ def overopt(env, cfg, out, beta=0.0):
     import matplotlib.pyplot as plt
     import numpy as np
     base = sft_baseline(env)
-    run = run_ppo(env, f"beta={beta:g}", replace(cfg, kl_controller="fixed", init_beta=beta,
-                                                 eval_every=max(1, cfg.updates // 12)))
+    run = run_ppo(env, f"beta={beta:g}", no_penalty(cfg, beta), out)
     points = [dict(kl=0.0, gold=base["final"]["gold_reward"], proxy=base["final"]["proxy_reward"])]
     points += [dict(kl=h["eval_kl"], gold=h["eval_gold_reward"], proxy=h["eval_proxy_reward"],
                     valid=h["eval_valid_rate"], step=h["step"]) for h in run["history"] if "eval_kl" in h]
@@ -191,6 +209,8 @@ def overopt(env, cfg, out, beta=0.0):
 
 
 EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt}
+# PPO updates per run when --updates is not given: the controller needs time to settle.
+DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60}
 
 
 def main(argv=None):
@@ -198,20 +218,20 @@ def main(argv=None):
     parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which experiment to run")
     parser.add_argument("--out", default="out", help="folder with sft.pt and reward_model.pt; results go here")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (default: PPOConfig's)")
+    parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (default: per experiment)")
     parser.add_argument("--kl-target", type=float, nargs="+", default=None,
-                        help="controller: KL target(s) in nats per sequence")
+                        help="controller: KL target(s) in nats per sequence (default: 2 and 4)")
     parser.add_argument("--beta", type=float, default=0.0, help="overopt: the fixed KL coefficient")
-    parser.add_argument("--seed", type=int, default=0, help="PPO seed (same for every run of an experiment)")
+    parser.add_argument("--seed", type=int, default=0, help="PPO seed (the same for every run of an experiment)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 is fastest for this model size on a busy 2-core machine")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     env = setup(args.out, args.device)
-    cfg = PPOConfig(seed=args.seed)
-    if args.updates:
-        cfg = replace(cfg, updates=args.updates)
+    cfg = PPOConfig(seed=args.seed, updates=args.updates or DEFAULT_UPDATES[args.experiment])
     t0 = time.time()
     if args.experiment == "controller":
-        controller(env, cfg, args.out, args.kl_target)
+        controller(env, cfg, args.out, args.kl_target or [2.0, 4.0])
     elif args.experiment == "overopt":
         overopt(env, cfg, args.out, args.beta)
     else:

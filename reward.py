@@ -8,9 +8,10 @@ Bradley & Terry (1952) model such a choice as
 so a reward r can be fitted to comparisons by maximum likelihood (Ouyang et al. 2022, eq. 1):
     loss = - mean log sigmoid(r(x, y_chosen) - r(x, y_rejected)).
 The stage, top to bottom:
-  1. make_preferences: the SFT policy answers each training prompt two or more times and a
-     simulated annotator (world.annotate) picks a winner in each pair. The labels are noisy
-     and biased: annotators like "!" that the gold reward does not pay for.
+  1. make_preferences: the SFT policy answers each training prompt k times (plus some groups
+     of real reviews from the world) and a simulated annotator (world.annotate) picks the
+     winner of every pair. The labels are noisy and biased: annotators like "!" that the gold
+     reward does not pay for. gold_label_accuracy says how often gold agrees with them.
   2. train_reward_model: the SFT trunk with a small new scalar head, read at the EOS token.
   3. normalize: only differences of r are identified by the loss, so a gain and a bias put
      SFT samples at mean 0, std 1; PPO's KL coefficient is then on a known scale.
@@ -83,32 +84,49 @@ def score(model, tokens, pad_id):
 
 @dataclass
 class RewardConfig:
-    # Defaults fit the "cpu" preset (~1 minute on 2 cores). For "tiny" use
-    # RewardConfig(n_prompts=400, steps=40): the tiny SFT model writes mostly invalid text.
-    n_prompts: int = 2000          # training prompts answered by the SFT policy
-    samples_per_prompt: int = 2    # completions per prompt; every two of them make a pair
-    steps: int = 150               # optimiser steps (about 2.5 epochs of the default data)
-    batch_size: int = 64           # pairs per step
-    lr: float = 3e-4
+    # Defaults fit the "cpu" preset: about a minute on 2 cores. For "tiny" use
+    # RewardConfig(n_prompts=200, world_groups=300, steps=100): about 10 s.
+    n_prompts: int = 500           # training prompts answered by the SFT policy
+    samples_per_prompt: int = 8    # completions per prompt (and reviews per world group): 28 pairs
+    world_groups: int = 500        # groups of k real reviews from the world (see make_preferences)
+    steps: int = 250               # optimiser steps: about two passes over the groups
+    batch_size: int = 8            # groups (a prompt and all its pairs) per step
+    lr: float = 1e-3
     warmup: int = 10
     weight_decay: float = 0.0
-    val_fraction: float = 0.1      # the first prompts' pairs are held out for validation
+    val_fraction: float = 0.1      # the first policy prompts' pairs are held out for validation
     head_std: float = 0.02         # small head: every answer starts near reward 0
-    annotator_seed: int = 0        # the annotators' coin flips
-    eval_every: int = 25
-    sample_batch: int = 512        # prompts per generate() call
+    annotator_seed: int = 0        # the annotators' coin flips (and the head's init)
+    eval_every: int = 50
+    sample_batch: int = 1024       # completions per generate() call
+
+
+def label_group(prompt, texts, rng, source):
+    """Every two distinct full texts of one prompt make a pair, k (k - 1) / 2 from k texts
+    (Ouyang et al. 2022, sec. 3.5: ranking K answers yields K choose 2 comparisons), labelled
+    by a simulated annotator. Pairs store completions: full text = prompt + completion."""
+    gold = {t: world.gold_reward(t) for t in texts}  # identical twins collapse: no choice
+    pairs = []
+    for a, b in itertools.combinations(gold, 2):
+        if not world.annotate(a, b, rng):
+            a, b = b, a
+        pairs.append({"prompt": prompt, "chosen": a[len(prompt):], "rejected": b[len(prompt):],
+                      "gold_chosen": gold[a], "gold_rejected": gold[b], "source": source})
+    return pairs
 
 
 def make_preferences(policy, enc, prompts, cfg, device, seed):
-    """Preference pairs on the first cfg.n_prompts prompts, deterministic given seed.
-
-    Each prompt gets k = cfg.samples_per_prompt completions from `policy` at temperature 1,
-    and every two distinct completions of a prompt make a pair, k (k - 1) / 2 in all (Ouyang
-    et al. 2022, sec. 3.5: ranking K answers yields K choose 2 comparisons, and each answer is
-    then run through the model once per prompt, not once per pair). world.annotate labels
-    each pair. Returns [{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}] in
-    prompt order, chosen/rejected being COMPLETIONS (the full text is prompt + completion)
-    and gold_* the gold rewards of the full texts.
+    """Preference pairs, deterministic given seed and cfg. Returns a list of
+    {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "source"}, chosen and
+    rejected being COMPLETIONS (the full text is prompt + completion) and gold_* the gold
+    rewards of the full texts, grouped by prompt:
+      source "policy": the first cfg.n_prompts prompts, each answered k = cfg.samples_per_prompt
+        times by `policy` at temperature 1; all pairs of a prompt's answers.
+      source "world": then cfg.world_groups groups of k real reviews from the world's grammar
+        that start with the same two words (the prompt); all pairs within a group.
+    Why the world's reviews: the reward model must learn what makes a review good from a few
+    thousand labelled texts, and sampling is the slow part. Real reviews cost nothing to make
+    and teach sentiment; the policy's answers teach what the policy gets wrong (invalid text).
     """
     k = cfg.samples_per_prompt
     assert k >= 2, "need at least two completions per prompt to compare"
@@ -123,22 +141,30 @@ def make_preferences(policy, enc, prompts, cfg, device, seed):
     rng = random.Random(cfg.annotator_seed)
     pairs = []
     for j, prompt in enumerate(prompts):
-        group = list(dict.fromkeys(texts[j * k:(j + 1) * k]))  # identical twins: nothing to choose
-        for a, b in itertools.combinations(group, 2):
-            if not world.annotate(a, b, rng):
-                a, b = b, a
-            pairs.append({"prompt": prompt, "chosen": a[len(prompt):], "rejected": b[len(prompt):],
-                          "gold_chosen": world.gold_reward(a), "gold_rejected": world.gold_reward(b)})
+        pairs += label_group(prompt, texts[j * k:(j + 1) * k], rng, "policy")
+    world_rng, waiting, n_groups = random.Random(seed), {}, 0
+    while n_groups < cfg.world_groups:
+        review = world.generate_review(world_rng)
+        words = review.split(" ")
+        if len(words) < 3:  # nothing left to complete after a two-word prompt
+            continue
+        prompt = " ".join(words[:2])
+        waiting.setdefault(prompt, []).append(review)
+        if len(waiting[prompt]) == k:
+            pairs += label_group(prompt, waiting.pop(prompt), rng, "world")
+            n_groups += 1
     return pairs
 
 
 def split_pairs(pairs, val_fraction):
-    """(train, val): the pairs of the first val_fraction of the distinct prompts are the
-    validation set, so no prompt is on both sides. Fixed, not random: the run can be redone."""
-    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))
+    """(train, val): validation is the pairs of the first val_fraction of the policy's prompts
+    (source "policy", or no source), so it measures the reward model where PPO will use it,
+    and no prompt's answers are on both sides. Fixed, not random: a re-run gets the same split."""
+    policy = [p for p in pairs if p.get("source", "policy") == "policy"]
+    prompts = list(dict.fromkeys(p["prompt"] for p in policy))
     val_prompts = set(prompts[:int(round(val_fraction * len(prompts)))])
-    return ([p for p in pairs if p["prompt"] not in val_prompts],
-            [p for p in pairs if p["prompt"] in val_prompts])
+    val = [p for p in policy if p["prompt"] in val_prompts]
+    return [p for p in pairs if not (p.get("source", "policy") == "policy" and p["prompt"] in val_prompts)], val
 
 
 def gold_label_accuracy(pairs):
@@ -150,11 +176,10 @@ def gold_label_accuracy(pairs):
 
 
 def annotator_label_accuracy(pairs):
-    """How often the annotators' more likely choice (world.annotator_prob > 1/2, gold AND the
-    "!" bias) is the label they gave: the true ceiling, which gold alone falls short of."""
-    hits = [float(world.annotator_prob(p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]) > 0.5)
-            for p in pairs]
-    return sum(hits) / max(1, len(hits))
+    """How often the annotators' more likely choice (world.annotator_prob, gold AND the "!"
+    bias) is the label they gave, ties counting half: the Bayes ceiling for these labels."""
+    probs = [world.annotator_prob(p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]) for p in pairs]
+    return sum(1.0 if q > 0.5 else 0.5 if q == 0.5 else 0.0 for q in probs) / max(1, len(probs))
 
 
 # ----------------------------------------------------------------------------- Bradley-Terry
@@ -222,7 +247,7 @@ def pair_metrics(rm, tokens, chosen, rejected, pad_id):
 
 def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=print):
     """Fit a ScalarModel, trunk initialised from the SFT model, to the annotators' labels.
-    A step takes cfg.batch_size prompts and all their pairs. Returns (rm in eval mode,
+    A step takes cfg.batch_size groups (prompts) and all their pairs. Returns (rm in eval mode,
     normalised on SFT texts of the training pairs, metrics dict)."""
     t0 = time.time()
     pad = tok.pad_id(enc)
@@ -230,8 +255,9 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
     block = sft_model.cfg.block_size
     tr_tokens, tr_c, tr_r = (t.to(device) for t in encode_pairs_for_rm(enc, train, block))
     va_tokens, va_c, va_r = (t.to(device) for t in encode_pairs_for_rm(enc, val, block))
-    prompt_ids = {p: i for i, p in enumerate(dict.fromkeys(p["prompt"] for p in train))}
-    group = torch.tensor([prompt_ids[p["prompt"]] for p in train], device=device)
+    # a group: consecutive pairs on one prompt (the k completions of make_preferences)
+    group = torch.tensor([0] + [int(a["prompt"] != b["prompt"]) for a, b in zip(train, train[1:])]).cumsum(0)
+    n_groups, group = int(group[-1]) + 1, group.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.annotator_seed)
         rm = ScalarModel(sft_model, cfg.head_std).to(device)
@@ -239,10 +265,10 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ctx = autocast_context(device, dtype)
     gen = torch.Generator().manual_seed(cfg.annotator_seed)
-    order, used = torch.randperm(len(prompt_ids), generator=gen), 0
+    order, used = torch.randperm(n_groups, generator=gen), 0
     for step in range(cfg.steps):
         if used + cfg.batch_size > len(order):  # a new epoch: reshuffle the prompts
-            order, used = torch.randperm(len(prompt_ids), generator=gen), 0
+            order, used = torch.randperm(n_groups, generator=gen), 0
         in_batch = torch.isin(group, order[used:used + cfg.batch_size].to(device))
         used += cfg.batch_size
         for g in opt.param_groups:
@@ -264,12 +290,14 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
                  "ms_per_step": 1000 * elapsed / (step + 1),
                  "eta_s": elapsed / (step + 1) * (cfg.steps - step - 1)})
     rm.eval()
-    # as many training pairs as validation pairs: a gap between the two accuracies is overfitting
-    first = group < round(len(prompt_ids) * len(val) / max(1, len(train))) + 1
+    # the first groups (policy answers) with about as many pairs as validation: a gap between
+    # the two accuracies is overfitting
+    first = group < round(n_groups * len(val) / max(1, len(train))) + 1
     with ctx:
         _, train_acc = pair_metrics(rm, tr_tokens, tr_c[first], tr_r[first], pad)
-    normalize(rm, enc, list(dict.fromkeys(p["prompt"] + p[s] for p in train for s in ("chosen", "rejected")))[:2048],
-              device)
+    sft_texts = dict.fromkeys(p["prompt"] + p[side] for p in train if p.get("source", "policy") == "policy"
+                              for side in ("chosen", "rejected"))
+    normalize(rm, enc, list(sft_texts)[:2048], device)
     metrics = {"val_accuracy": val_acc, "val_loss": val_loss, "train_accuracy": train_acc,
                "gold_label_accuracy": gold_label_accuracy(val),
                "annotator_label_accuracy": annotator_label_accuracy(val),
@@ -343,10 +371,15 @@ def rank_correlation(x, y):
 
 
 def proxy_vs_gold(rm, enc, device, texts):
-    """{"proxy": [...], "gold": [...], "spearman": r} on texts (e.g. SFT samples of eval prompts)."""
+    """Proxy and gold rewards of texts (e.g. SFT samples of the eval prompts): {"proxy",
+    "gold", "valid": lists; "spearman": rank correlation on all texts; "spearman_valid": on the
+    valid ones only, i.e. how well the proxy reads sentiment, apart from spotting invalid text}."""
     proxy = proxy_reward_fn(rm, enc, device)(texts)
     gold = [world.gold_reward(t) for t in texts]
-    return {"proxy": proxy, "gold": gold, "spearman": rank_correlation(proxy, gold)}
+    valid = [world.is_valid(t) for t in texts]
+    ok = [i for i, v in enumerate(valid) if v]
+    return {"proxy": proxy, "gold": gold, "valid": valid, "spearman": rank_correlation(proxy, gold),
+            "spearman_valid": rank_correlation([proxy[i] for i in ok], [gold[i] for i in ok])}
 
 
 NEUTRAL_SENTENCE = "i watched it at home."  # valid, sentiment 0: length without content
@@ -387,15 +420,20 @@ def blind_spot_report(rm, enc, device, base_texts, max_bases=512):
 
 
 def plot_reward_model(proxy_gold, blind_spot, path):
-    """Two panels in one PNG: proxy against gold on SFT samples (Spearman in the title), and
-    the change of each under the blind-spot edits."""
+    """One PNG, two panels: proxy_vs_gold's scatter (Spearman in the title), and the change
+    of proxy and gold under each blind_spot_report edit."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.scatter(proxy_gold["gold"], proxy_gold["proxy"], s=8, alpha=0.5)
+    for valid, color, label in ((True, "tab:blue", "valid"), (False, "tab:red", "invalid (gold -1)")):
+        pts = [(g, p) for g, p, v in zip(proxy_gold["gold"], proxy_gold["proxy"], proxy_gold["valid"]) if v == valid]
+        if pts:
+            ax1.scatter(*zip(*pts), s=8, alpha=0.5, color=color, label=label)
+    ax1.legend(loc="upper left")
     ax1.set(xlabel="gold reward", ylabel="proxy reward (SFT mean 0, std 1)",
-            title=f"proxy vs gold on SFT samples (Spearman {proxy_gold['spearman']:.2f})")
+            title=f"proxy vs gold on SFT samples: Spearman {proxy_gold['spearman']:.2f} "
+                  f"({proxy_gold['spearman_valid']:.2f} on valid)")
     rows = blind_spot[1:]
     x = np.arange(len(rows))
     ax2.bar(x - 0.2, [r["d_proxy"] for r in rows], 0.4, label="proxy change (std units)")

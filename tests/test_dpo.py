@@ -92,7 +92,7 @@ def population_dpo_policy(beta, loss_type="sigmoid"):
     i, j = i.flatten(), j.flatten()
     weight = (REF_LOGP[i] + REF_LOGP[j]).exp() * torch.sigmoid(R[i] - R[j])  # P(y1=i, y2=j, i wins)
     logits = REF_LOGP.clone().requires_grad_(True)  # start at the reference
-    opt = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+    opt = torch.optim.LBFGS([logits], lr=1, max_iter=100, tolerance_grad=1e-7, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
 
     def closure():
@@ -200,7 +200,7 @@ def test_one_forward_for_both_sides_matches_separate_forwards(enc):
 def test_train_dpo_learns_its_pairs_and_reports(enc):
     policy = tiny_gpt(enc)
     records, calls = [], []
-    cfg = DPOConfig(beta=0.5, steps=30, batch_size=4, lr=3e-3, warmup=2, eval_every=20, log_every=5)
+    cfg = DPOConfig(beta=0.5, epochs=30, batch_size=4, lr=3e-3, warmup=2, eval_every=20, log_every=5)
     _, hist = train_dpo(policy, None, enc, PAIRS, cfg, log=records.append,
                         eval_fn=lambda m: calls.append(1) or {"gold_reward": 0.5}, val_pairs=PAIRS)
     first, last = records[0], records[-1]
@@ -229,7 +229,7 @@ def test_large_beta_keeps_a_trained_gpt_near_the_reference(enc):
     for beta in (0.1, 1000.0):
         policy = tiny_gpt(enc)
         ref = freeze(policy)
-        cfg = DPOConfig(beta=beta, steps=40, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
+        cfg = DPOConfig(beta=beta, epochs=40, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
         train_dpo(policy, ref, enc, PAIRS, cfg, log=lambda r: None)
         kls[beta] = exact_kl_on_pairs(policy, ref, enc)
     assert kls[1000.0] < 0.1 * kls[0.1]
@@ -239,9 +239,28 @@ def test_sweep_starts_every_beta_from_the_same_policy(enc):
     start = tiny_gpt(enc)
     before = {k: v.clone() for k, v in start.state_dict().items()}
     ref = freeze(start)
-    cfg = DPOConfig(steps=20, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
+    cfg = DPOConfig(epochs=20, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
     points = dpo_sweep(start, enc, PAIRS, [0.1, 1000.0], cfg, log=lambda r: None,
                        eval_fn=lambda m: {"kl": exact_kl_on_pairs(m, ref, enc)}, val_pairs=PAIRS)
     assert [p["beta"] for p in points] == [0.1, 1000.0]
     assert all(torch.equal(v, before[k]) for k, v in start.state_dict().items())
     assert points[1]["kl"] < points[0]["kl"] and points[0]["implicit_accuracy"] == 1.0
+
+
+def test_max_steps_trains_on_a_random_subset_only(enc):
+    cfg = DPOConfig(epochs=1, max_steps=1, batch_size=2, eval_every=1000)
+    _, hist = train_dpo(tiny_gpt(enc), None, enc, PAIRS, cfg, log=lambda r: None)
+    assert hist["n_pairs"] == 2 and hist["epochs"] == 0.5 and len(hist["records"]) == 1
+
+
+def test_sft_coef_adds_the_chosen_nll_per_token(enc):
+    from sft import masked_nll
+    model = tiny_gpt(enc)
+    tokens, mask, _ = encode_preference_pairs(enc, PAIRS, 32)
+    with torch.no_grad():
+        nll = masked_nll(model, tokens[:, 0], mask[:, 0]).item()  # SFT's loss on the chosen side
+    records = []
+    cfg = DPOConfig(sft_coef=0.5, max_steps=1, batch_size=4, eval_every=1000)
+    train_dpo(model, None, enc, PAIRS, cfg, log=records.append)
+    assert records[0]["chosen_nll"] == pytest.approx(nll, abs=1e-5)
+    assert records[0]["loss"] == pytest.approx(LOG2 + 0.5 * nll, abs=1e-5)
