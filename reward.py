@@ -101,21 +101,22 @@ class RewardConfig:
     sample_batch: int = 1024       # completions per generate() call
 
 
-def label_group(prompt, texts, rng, source):
+def label_group(prompt, texts, rng, source, gold_fn=None):
     """Every two distinct full texts of one prompt make a pair, k (k - 1) / 2 from k texts
     (Ouyang et al. 2022, sec. 3.5: ranking K answers yields K choose 2 comparisons), labelled
     by a simulated annotator. Pairs store completions: full text = prompt + completion."""
-    gold = {t: world.gold_reward(t) for t in texts}  # identical twins collapse: no choice
+    gold_fn = gold_fn or world.gold_reward  # userdata.gold_reward for a user's own text
+    gold = {t: gold_fn(t) for t in texts}  # identical twins collapse: no choice
     pairs = []
     for a, b in itertools.combinations(gold, 2):
-        if not world.annotate(a, b, rng):
+        if not world.annotate(a, b, rng, gold_fn=gold_fn):
             a, b = b, a
         pairs.append({"prompt": prompt, "chosen": a[len(prompt):], "rejected": b[len(prompt):],
                       "gold_chosen": gold[a], "gold_rejected": gold[b], "source": source})
     return pairs
 
 
-def make_preferences(policy, enc, prompts, cfg, device, seed):
+def make_preferences(policy, enc, prompts, cfg, device, seed, gold_fn=None):
     """Preference pairs, deterministic given seed and cfg. Returns a list of
     {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "source"}, chosen and
     rejected being COMPLETIONS (the full text is prompt + completion) and gold_* the gold
@@ -141,9 +142,9 @@ def make_preferences(policy, enc, prompts, cfg, device, seed):
     rng = random.Random(cfg.annotator_seed)
     pairs = []
     for j, prompt in enumerate(prompts):
-        pairs += label_group(prompt, texts[j * k:(j + 1) * k], rng, "policy")
+        pairs += label_group(prompt, texts[j * k:(j + 1) * k], rng, "policy", gold_fn)
     world_rng, waiting, n_groups = random.Random(seed), {}, 0
-    while n_groups < cfg.world_groups:
+    while gold_fn is None and n_groups < cfg.world_groups:  # a user's text has no world reviews
         review = world.generate_review(world_rng)
         words = review.split(" ")
         if len(words) < 3:  # nothing left to complete after a two-word prompt

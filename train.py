@@ -39,16 +39,22 @@ from sft import TrainConfig, matmul_peak_flops, encode_pairs, encode_stream, loa
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1024,
                  n_pretrain=4000, n_sft=2000, n_eval_prompts=128,
-                 pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3,
-                 rm_prompts=400, rm_steps=40, ppo_updates=8, ppo_rollouts=32, dpo_steps=30, dpo_batch=16),
+                 pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=1024,
                 n_pretrain=20000, n_sft=8000, n_eval_prompts=256,
-                pretrain_steps=1000, sft_steps=400, batch_size=32, lr=1e-3,
-                rm_prompts=2000, rm_steps=150, ppo_updates=60, ppo_rollouts=64, dpo_steps=150, dpo_batch=32),
+                pretrain_steps=1000, sft_steps=400, batch_size=32, lr=1e-3),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=64, vocab_size=1024,
                 n_pretrain=100000, n_sft=20000, n_eval_prompts=512,
-                pretrain_steps=3000, sft_steps=1000, batch_size=128, lr=6e-4,
-                rm_prompts=2000, rm_steps=300, ppo_updates=150, ppo_rollouts=256, dpo_steps=300, dpo_batch=64),
+                pretrain_steps=3000, sft_steps=1000, batch_size=128, lr=6e-4),
+}
+# The RLHF stages' configs (RewardConfig, PPOConfig, DPOConfig) default to the cpu preset;
+# these are the changes other presets make to them.
+STAGE_OVERRIDES = {
+    "tiny": dict(reward=dict(n_prompts=200, world_groups=300, steps=100),
+                 ppo=dict(updates=8, rollouts=32, eval_every=4), dpo=dict(max_steps=40, batch_size=16)),
+    "cpu": dict(reward={}, ppo={}, dpo={}),
+    "gpu": dict(reward=dict(n_prompts=2000, steps=500), ppo=dict(updates=150, rollouts=256, minibatch_size=64),
+                dpo=dict(max_steps=300, batch_size=64)),
 }
 
 
@@ -58,9 +64,9 @@ class Args:
     out: str = field(default="out", metadata={"help": "output folder: checkpoints, metrics, summary, plots"})
     algo: str = field(default="both", metadata={"help": "ppo | dpo | both: which RLHF stage(s) to run"})
     beta: float = field(default=None, metadata={"help": "PPO KL coefficient, held fixed (default: adaptive controller)"})
-    kl_target: float = field(default=4.0, metadata={"help": "adaptive controller's target KL, nats per sequence"})
+    kl_target: float = field(default=None, metadata={"help": "adaptive controller's target KL, nats per sequence (default: PPOConfig's)"})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 | full: per-token KL in PPO's reward"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (strength of the implicit KL penalty)"})
+    dpo_beta: float = field(default=None, metadata={"help": "DPO's beta, strength of its implicit KL penalty (default: DPOConfig's)"})
     no_kl_baseline: bool = field(default=False, metadata={"help": "also run PPO with beta = 0 (reward hacking)"})
     data: str = field(default=None, metadata={"help": "train on this text file instead of the toy world"})
     seed: int = field(default=1337, metadata={"help": "random seed (world, init, sampling)"})
@@ -76,7 +82,7 @@ class Args:
     sft_steps: int = field(default=None, metadata={"help": "SFT steps (default: preset)"})
     rm_steps: int = field(default=None, metadata={"help": "reward-model steps (default: preset)"})
     ppo_updates: int = field(default=None, metadata={"help": "PPO updates (default: preset)"})
-    dpo_steps: int = field(default=None, metadata={"help": "DPO steps (default: preset)"})
+    dpo_steps: int = field(default=None, metadata={"help": "DPO steps at most (default: preset)"})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -311,7 +317,8 @@ def main(argv=None):
     ref = freeze(sft_model)
 
     # ---- the reward model, trained on annotator preferences between SFT samples
-    rcfg = RewardConfig(n_prompts=P["rm_prompts"], steps=P["rm_steps"])
+    over = STAGE_OVERRIDES[preset_name]
+    rcfg = replace(RewardConfig(), **over["reward"], **({"steps": args.rm_steps} if args.rm_steps else {}))
     rm_path, pairs_path = os.path.join(args.out, "reward_model.pt"), os.path.join(args.out, "preferences.json")
     rm_config = {**base_config, "reward": asdict(rcfg)}
     if os.path.exists(pairs_path) and os.path.exists(rm_path) and load_json(pairs_path).get("run_config") == rm_config:
@@ -321,7 +328,8 @@ def main(argv=None):
         pairs, rm_metrics = saved["pairs"], saved["metrics"]
     else:
         t0 = time.time()
-        pairs = make_preferences(sft_model, enc, data["train_prompts"], rcfg, device, args.seed)
+        pairs = make_preferences(sft_model, enc, data["train_prompts"], rcfg, device, args.seed,
+                                 gold_fn if args.data else None)
         rm, rm_metrics = train_reward_model(sft_model, enc, pairs, rcfg, device, dtype, log)
         rm_metrics["seconds"] = time.time() - t0
         save_scalar_model(rm_path, rm)
@@ -361,9 +369,11 @@ def main(argv=None):
     if args.no_kl_baseline:
         ppo_runs.append(("ppo_beta0", 0.0))
     for name, beta in ppo_runs:
-        pcfg = PPOConfig(updates=P["ppo_updates"], rollouts=P["ppo_rollouts"], kl_target=args.kl_target,
-                         kl_estimator=args.kl_estimator, seed=args.seed,
-                         eval_every=max(1, P["ppo_updates"] // 4))
+        pcfg = replace(PPOConfig(), **over["ppo"], kl_estimator=args.kl_estimator, seed=args.seed)
+        if args.ppo_updates:
+            pcfg = replace(pcfg, updates=args.ppo_updates, eval_every=max(1, args.ppo_updates // 4))
+        if args.kl_target is not None:
+            pcfg = replace(pcfg, kl_target=args.kl_target)
         if beta is not None:
             pcfg = replace(pcfg, kl_controller="fixed", init_beta=beta)
         run_config = {**rm_config, name: asdict(pcfg)}
@@ -372,7 +382,7 @@ def main(argv=None):
             t0 = time.time()
             policy, history = train_ppo(trainable_copy(sft_model), ref, rm, enc, data["train_prompts"], pcfg,
                                         device, dtype, lambda r: log({**r, "stage": name}), eval_fn)
-            return policy, {**eval_fn(policy), "kl_target": None if beta is not None else args.kl_target,
+            return policy, {**eval_fn(policy), "kl_target": None if beta is not None else pcfg.kl_target,
                             "beta_final": history[-1]["beta"], "seconds": time.time() - t0,
                             "history": [{k: h[k] for k in ("step", "kl", "kl_exact", "beta", "proxy_reward",
                                                             "gold_reward", "valid_rate")} for h in history]}
@@ -385,8 +395,11 @@ def main(argv=None):
 
     # ---- DPO on the same preference pairs, against the same reference
     if args.algo in ("dpo", "both"):
-        dcfg = DPOConfig(beta=args.dpo_beta, steps=P["dpo_steps"], batch_size=P["dpo_batch"], seed=args.seed,
-                         eval_every=P["dpo_steps"])
+        dcfg = replace(DPOConfig(), **over["dpo"], seed=args.seed)
+        if args.dpo_beta is not None:
+            dcfg = replace(dcfg, beta=args.dpo_beta)
+        if args.dpo_steps:
+            dcfg = replace(dcfg, max_steps=args.dpo_steps)
         run_config = {**rm_config, "dpo": asdict(dcfg)}
 
         def run_dpo():
