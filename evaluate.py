@@ -16,6 +16,8 @@ import torch
 
 import tokenizer as tok
 import world
+from kl import full_kl
+from reference import response_mask
 
 
 def left_pad(seqs, pad_id):
@@ -53,8 +55,6 @@ def sample_batch(model, enc, prompts, max_new_tokens, device, temperature=1.0):
 def exact_sequence_kl(policy, ref, tokens, prompt_len, pad_id):
     """(B,) exact KL(pi || pi_ref) of each sampled sequence: sum over response positions
     of the full-vocabulary KL of the next-token distributions."""
-    from kl import full_kl
-    from reference import response_mask
     pad_mask = tokens != pad_id
     logits = policy(tokens, pad_mask)[:, :-1]
     ref_logits = ref(tokens, pad_mask)[:, :-1]

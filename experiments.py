@@ -133,7 +133,7 @@ def hacking(env, cfg, out):
             ax.plot(smooth([h[key] for h in r["history"]]), label=r["label"])
         ax.axhline(runs[0]["final"].get(key.replace("_exact", ""), float("nan")), color="gray", ls=":", label="SFT")
         ax.set(xlabel="PPO update", title=key + " (training batches, 5-update mean)")
-    axes[1, 1].set_yscale("symlog")
+    axes[1, 1].set(yscale="symlog", ylim=(0, None))
     axes[0, 0].legend()
     print("\n" + table(runs) + "\n")
     for i in range(6):

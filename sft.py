@@ -109,7 +109,7 @@ class TrainConfig:
 
 
 def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu", dtype="fp32",
-             stage="pretrain", log=print, peak_flops=None):
+             stage="pretrain", log=print, peak_flops=None, compile=False):
     """The training loop shared by pretraining and SFT. Returns the final held-out loss.
 
     get_batch() / get_val_batch() -> (tokens (B, T), mask (B, T-1)) on any device.
@@ -121,6 +121,8 @@ def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu", dt
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     ctx = autocast_context(device, dtype)
+    # torch.compile wraps the module; the weights stay shared, so `model` is what gets saved.
+    fast = torch.compile(model) if compile else model
 
     @torch.no_grad()
     def val_loss():
@@ -138,7 +140,7 @@ def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu", dt
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         tokens, mask = (t.to(device) for t in get_batch())
         with ctx:
-            loss = masked_nll(model, tokens, mask)
+            loss = masked_nll(fast, tokens, mask)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage}: loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

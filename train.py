@@ -28,6 +28,7 @@ from evaluate import evaluate_policy
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from reference import freeze
+from report import Logger, comparison_table, fmt, plot_ppo, write_samples
 from reward import (RewardConfig, blind_spot_report, load_scalar_model, make_preferences, plot_reward_model,
                     proxy_reward_fn, proxy_vs_gold, save_scalar_model, split_pairs, train_reward_model)
 from sft import TrainConfig, matmul_peak_flops, encode_pairs, encode_stream, load_checkpoint, rows_batch, \
@@ -72,7 +73,7 @@ class Args:
     seed: int = field(default=1337, metadata={"help": "random seed (world, init, sampling)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | mps"})
     dtype: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (autocast; log-probs and KL stay fp32)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA only pays)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model for pretraining and SFT (pays on CUDA)"})
     n_layer: int = field(default=None, metadata={"help": "transformer layers (default: preset)"})
     n_head: int = field(default=None, metadata={"help": "attention heads (default: preset)"})
     n_embd: int = field(default=None, metadata={"help": "model width (default: preset)"})
@@ -91,14 +92,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description="leash: KL-penalised RLHF from scratch",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description="leash: KL-penalised RLHF from scratch")
     for f in fields(Args):
         name = "--" + f.name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(name, action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(name, type=f.type, default=f.default, help=f.metadata["help"])
+            shown = "" if f.default is None else f" [{f.default}]"
+            parser.add_argument(name, type=f.type, default=f.default, help=f.metadata["help"] + shown)
     args = Args(**vars(parser.parse_args(argv)))
     if args.algo not in ("ppo", "dpo", "both"):
         fail(f"--algo {args.algo}: unknown (choose ppo, dpo or both)")
@@ -145,39 +146,6 @@ def pick_dtype(name, device):
     if name not in ("fp32", "bf16"):
         fail(f"--dtype {name}: unknown (choose auto, fp32 or bf16)")
     return name
-
-
-class Logger:
-    """Appends every record to metrics.jsonl (all keys) and prints one progress line
-    with the keys a practitioner watches (the ones present in the record)."""
-    SHOW = ["loss", "val_loss", "accuracy", "val_accuracy", "margin", "proxy_reward", "gold_reward",
-            "kl_exact", "kl_max", "beta", "entropy", "clipfrac", "approx_kl", "explained_variance",
-            "valid_rate", "length"]
-
-    def __init__(self, out):
-        self.path = os.path.join(out, "metrics.jsonl")
-
-    def __call__(self, rec):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        parts = [f"{rec['stage']:>9} {rec['step']:>5}"]
-        parts += [f"{k} {rec[k]:.4g}" for k in self.SHOW if isinstance(rec.get(k), float)]
-        if "ms_per_step" in rec:
-            parts.append(f"{rec['ms_per_step']:.0f} ms/step")
-        if "seconds" in rec:
-            parts.append(f"{rec['seconds']:.2f} s/update")
-        if "pairs_per_s" in rec:
-            parts.append(f"{rec['pairs_per_s']:.0f} pairs/s")
-        if "tok_per_s" in rec:
-            parts.append(f"{rec['tok_per_s']:.0f} tok/s")
-        if isinstance(rec.get("mfu"), float):
-            parts.append(f"mfu {100 * rec['mfu']:.1f}%")
-        if "eta_s" in rec:
-            parts.append(f"eta {rec['eta_s']:.0f}s")
-        print(" | ".join(parts), flush=True)
-        evals = {k[5:]: v for k, v in rec.items() if k.startswith("eval_") and isinstance(v, float)}
-        if evals:  # PPO's periodic evaluation on the held-out prompts
-            print(" " * 16 + "eval: " + "  ".join(f"{k} {v:.3f}" for k, v in evals.items()), flush=True)
 
 
 def write_json(path, obj):
@@ -293,7 +261,7 @@ def main(argv=None):
         B, T = P["batch_size"], P["block_size"]
         tcfg = TrainConfig(steps=P["pretrain_steps"], batch_size=B, lr=P["lr"])
         vl = train_lm(model, lambda: stream_batch(train_stream, B, T, gen),
-                      lambda: stream_batch(val_stream, B, T, gen), tcfg, device, dtype, "pretrain", log, peak)
+                      lambda: stream_batch(val_stream, B, T, gen), tcfg, device, dtype, "pretrain", log, peak, args.compile)
         save_checkpoint(pre_path, model, {"run_config": base_config, "val_loss": vl})
 
     # ---- SFT: prompt -> completion + EOS, loss on the completion only
@@ -309,7 +277,7 @@ def main(argv=None):
         B = P["batch_size"]
         tcfg = TrainConfig(steps=P["sft_steps"], batch_size=B, lr=P["lr"] / 2, warmup=20)
         sft_val = train_lm(model, lambda: rows_batch(tokens[n_val:], mask[n_val:], B, gen),
-                           lambda: rows_batch(tokens[:n_val], mask[:n_val], B, gen), tcfg, device, dtype, "sft", log, peak)
+                           lambda: rows_batch(tokens[:n_val], mask[:n_val], B, gen), tcfg, device, dtype, "sft", log, peak, args.compile)
         save_checkpoint(sft_path, model, {"run_config": base_config, "val_loss": sft_val})
     sft_model = model
 
@@ -421,64 +389,6 @@ def main(argv=None):
     print(comparison_table(summary))
     print(f"\ndone in {summary['seconds']:.0f}s; results in {args.out}/ (summary.json, samples.md, plots/)")
     return summary
-
-
-def fmt(x, spec=".3f"):
-    return "n/a" if x is None else format(x, spec)
-
-
-def comparison_table(summary):
-    """A markdown table of every policy's figures on the evaluation prompts."""
-    rows = [("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), ("DPO", "dpo")]
-    lines = ["| policy | gold reward | proxy reward | KL to ref (nats) | valid | distinct-2 | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for label, key in rows:
-        m = summary.get(key)
-        if m:
-            lines.append(f"| {label} | {m['gold_reward']:.3f} | {fmt(m.get('proxy_reward'))} | {fmt(m.get('kl'), '.2f')} "
-                         f"| {fmt(m.get('valid_rate'))} | {m['distinct_2']:.3f} | {fmt(m.get('seconds'), '.0f')} |")
-    return "\n".join(lines)
-
-
-def write_samples(path, prompts, columns, gold_fn, valid_fn, n=12):
-    """samples.md: the same evaluation prompts answered by each policy, side by side."""
-    out = ["# Samples on the evaluation prompts", "",
-           "Temperature 1, no top-k / top-p. Each answer: [gold reward, valid] text.", ""]
-    for i, prompt in enumerate(prompts[:n]):
-        out.append(f"## `{prompt}`")
-        for name, texts in columns.items():
-            t = texts[i]
-            valid = "n/a" if valid_fn is None else ("valid" if valid_fn(t) else "INVALID")
-            out.append(f"- **{name}** [{gold_fn(t):+.2f}, {valid}] {t}")
-        out.append("")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(out))
-    os.replace(tmp, path)
-
-
-def plot_ppo(history, path, title):
-    """KL and beta over updates, and proxy and gold reward over updates."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps = [h["step"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(steps, [h["kl_exact"] for h in history], label="exact KL (nats/seq)")
-    ax1.plot(steps, [h["kl"] for h in history], alpha=0.5, label="k1 estimate")
-    ax1.set(xlabel="PPO update", ylabel="KL(pi || pi_ref)", title=f"{title}: KL and beta")
-    ax1b = ax1.twinx()
-    ax1b.plot(steps, [h["beta"] for h in history], color="tab:red", label="beta")
-    ax1b.set_ylabel("beta", color="tab:red")
-    ax1.legend(loc="upper left")
-    ax2.plot(steps, [h["proxy_reward"] for h in history], label="proxy (reward model)")
-    ax2.plot(steps, [h["gold_reward"] for h in history], label="gold (the world)")
-    ax2.plot(steps, [h["valid_rate"] for h in history], label="valid rate", linestyle=":")
-    ax2.set(xlabel="PPO update", title=f"{title}: rewards on training rollouts")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def load_json(path):
