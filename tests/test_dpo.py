@@ -16,14 +16,6 @@ from reference import freeze
 LOG2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def t(*xs):
     return torch.tensor(xs, dtype=torch.float32)

@@ -12,14 +12,6 @@ from model import GPT, GPTConfig
 from reference import freeze
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread costs more in overhead than it brings."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def gae_by_hand(rewards, values, mask, gamma, lam):
     """Row by row in plain Python, straight from the definition."""

@@ -21,14 +21,6 @@ TEXTS = ["the film was good.", "i loved the cast!", "the plot was not very good.
          "the music was bad but the acting was great.", "it was great.", "it was awful."] * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def enc():
