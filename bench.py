@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
 
 import dpo
 import ppo
@@ -48,20 +48,22 @@ import sft
 import tokenizer as tok
 import train
 import world
+import model as model_py  # patched by the attention and ablation sections
 from model import GPT, GPTConfig
 from reference import freeze
 
 # The comparison in the performance issue: GPT 4 x 128, vocabulary 512, 64 rollouts of
 # 8 prompt + 32 response tokens, 4 PPO epochs, separate critic; DPO 32 pairs of 8 + 32.
 ISSUE = dict(name="4x128 V512", n_layer=4, n_head=4, n_embd=128, vocab=512, prompt=8, response=32,
-             rollouts=64, pairs=32)
+             rollouts=64, pairs=32, minibatch=16)
 
 
 def preset_setting(name):
-    p = train.PRESETS[name]
+    p, stage = train.PRESETS[name], train.STAGE_OVERRIDES[name]
+    ppo_cfg, dpo_cfg = ppo.PPOConfig(**stage["ppo"]), dpo.DPOConfig(**stage["dpo"])
     return dict(name=f"preset {name}", n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
-                vocab=p["vocab_size"], prompt=8, response=p["block_size"] - 8, rollouts=p["ppo_rollouts"],
-                pairs=p["dpo_batch"], batch=p["batch_size"], block=p["block_size"])
+                vocab=p["vocab_size"], prompt=8, response=p["block_size"] - 8, rollouts=ppo_cfg.rollouts,
+                pairs=dpo_cfg.batch_size, batch=p["batch_size"], block=p["block_size"], minibatch=ppo_cfg.minibatch_size)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -198,7 +200,7 @@ def bench_matmul(device, dtype, run):
 def bench_pretrain(device, dtype, run):
     s = run["preset"]
     model, _ = make_gpt(s, s["block"], device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = sft.adamw(model.parameters(), device, 1e-4, weight_decay=0.1)
     tokens = torch.randint(model.n_out, (s["batch"], s["block"]), device=device)
     mask = torch.ones(s["batch"], s["block"] - 1, device=device)
 
@@ -230,32 +232,41 @@ def bench_generate(device, dtype, run):
     yield "  KV cache speed-up", "x", recomputed / cached
 
 
+def time_ppo_update(s, device, dtype, run):
+    """The median of timed single-update ppo.train_ppo runs: {"total", "generate", "rollout",
+    "optimise"} seconds, the (untrained) models, and the PPOConfig used."""
+    T = s["prompt"] + s["response"]
+    policy, enc = make_gpt(s, T, device)
+    ref = freeze(policy)
+    rm = reward.ScalarModel(make_gpt(s, T, device)[0], head_std=0.02).to(device).eval()  # critic: a copy
+    prompts = fixed_length_prompts(enc, s["rollouts"], s["prompt"])
+    cfg = ppo.PPOConfig(updates=1, rollouts=s["rollouts"], max_new_tokens=s["response"], eval_every=10 ** 9,
+                        minibatch_size=s["minibatch"])
+    updates = []
+    for i in range(sum(run["reps"])):
+        pol = copy.deepcopy(policy)  # update 0 checks that the policy IS the reference: a fresh copy
+        sec = {}
+        with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
+                stopwatch(ppo, "optimise", sec, device):
+            t = time.perf_counter()
+            ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=lambda rec: None)
+            sync(device)
+            sec["total"] = time.perf_counter() - t
+        if i >= run["reps"][0]:  # past the warm-up
+            updates.append(sec)
+    sec = sorted(updates, key=lambda x: x["total"])[len(updates) // 2]  # the median update, all its parts
+    return sec, {"policy": policy, "reference": ref, "critic": rm, "reward model": rm}, cfg
+
+
 def ppo_rows(s):
     def bench(device, dtype, run):
-        T = s["prompt"] + s["response"]
-        policy, enc = make_gpt(s, T, device)
-        ref = freeze(policy)
-        rm = reward.ScalarModel(make_gpt(s, T, device)[0], head_std=0.02).to(device).eval()  # critic: a copy
-        prompts = fixed_length_prompts(enc, s["rollouts"], s["prompt"])
-        cfg = ppo.PPOConfig(updates=1, rollouts=s["rollouts"], max_new_tokens=s["response"], eval_every=10 ** 9)
-        updates = []
-        for i in range(sum(run["reps"])):
-            pol = copy.deepcopy(policy)  # update 0 checks that the policy IS the reference: a fresh copy
-            sec = {}
-            with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
-                    stopwatch(ppo, "optimise", sec, device):
-                t = time.perf_counter()
-                ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=lambda rec: None)
-                sync(device)
-                sec["total"] = time.perf_counter() - t
-            if i >= run["reps"][0]:  # past the warm-up
-                updates.append(sec)
-        sec = sorted(updates, key=lambda x: x["total"])[len(updates) // 2]  # the median update, all its parts
+        sec, models, cfg = time_ppo_update(s, device, dtype, run)
+        T, policy = s["prompt"] + s["response"], models["policy"]
         lm, sc = forward_flops_per_token(policy.cfg), forward_flops_per_token(policy.cfg, lm_head=False)
         n = s["rollouts"] * T  # each token once through: generation, 4 scoring forwards, epochs x fwd+bwd
         flops = n * lm + n * (2 * lm + 2 * sc) + cfg.ppo_epochs * n * 3 * (lm + sc)
-        yield (f"PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.ppo_epochs} epochs",
-               "rollouts/s", s["rollouts"] / sec["total"])
+        yield (f"PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.ppo_epochs} epochs "
+               f"x {s['rollouts'] // s['minibatch']} minibatches", "rollouts/s", s["rollouts"] / sec["total"])
         yield "  s per update", "s", sec["total"]
         yield "  generation", "s", sec["generate"]
         yield "  scoring (4 forwards, decode, checks)", "s", sec["rollout"] - sec["generate"]
@@ -263,7 +274,7 @@ def ppo_rows(s):
         yield "  other (rewards, GAE, stats)", "s", sec["total"] - sec["rollout"] - sec["optimise"]
         yield "  generation share", "%", 100 * sec["generate"] / sec["total"]
         yield "  update MFU (forward = 2N + 4LCT per token)", "%", 100 * flops / sec["total"] / run["peak"][dtype]
-        for name, m in (("policy", policy), ("reference", ref), ("critic", rm), ("reward model", rm)):
+        for name, m in models.items():
             yield f"  parameters: {name}", "M", sum(p.numel() for p in m.parameters()) / 1e6
     return bench
 
@@ -274,7 +285,7 @@ def dpo_rows(s):
         policy, enc = make_gpt(s, T, device)
         ref = freeze(policy)
         policy.train()
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+        opt = sft.adamw(policy.parameters(), device, 1e-4)
         tokens = torch.randint(policy.n_out, (s["pairs"], 2, T), device=device)
         mask = torch.zeros(s["pairs"], 2, T - 1, device=device)
         mask[..., s["prompt"] - 1:] = 1.0  # the targets that are response tokens
@@ -317,12 +328,38 @@ def minibatch_step(device, dtype, left_padded=False, compile=False):
     return step
 
 
+@contextmanager
+def patched(owner, name, value):
+    """Temporarily replace owner.<name>: how bench.py times the road not taken."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def fused_sdpa(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 def bench_attention(device, dtype, run):
+    """model.attention's two routes on a PPO minibatch, forward + backward."""
     for left_padded, kind in ((False, "causal"), (True, "pad mask")):
         step = minibatch_step(device, dtype, left_padded)
-        yield f"fwd+bwd 4x128, 16x40 ({kind}), SDPA default", "ms", 1000 * median_seconds(step, device, *run["reps"])
-        with sdpa_kernel(SDPBackend.MATH):
-            yield f"fwd+bwd 4x128, 16x40 ({kind}), SDPA math", "ms", 1000 * median_seconds(step, device, *run["reps"])
+        yield f"fwd+bwd 4x128, 16x40 ({kind}), model.attention", "ms", 1000 * median_seconds(step, device, *run["reps"])
+        with patched(model_py, "attention", fused_sdpa):
+            yield f"fwd+bwd 4x128, 16x40 ({kind}), fused SDPA", "ms", 1000 * median_seconds(step, device, *run["reps"])
+
+
+def bench_ablation(device, dtype, run):
+    """One PPO update at the issue's settings with one optimisation undone at a time."""
+    yield "PPO update 4x128 (issue settings), as shipped", "s", time_ppo_update(ISSUE, device, dtype, run)[0]["total"]
+    loop_adam = lambda params, device, lr, **kw: torch.optim.AdamW(params, lr=lr, **kw)
+    for what, owner, name, value in (("attention: fused SDPA, not written out", model_py, "attention", fused_sdpa),
+                                     ("Adam: PyTorch's loop, not fused", ppo, "adamw", loop_adam)):
+        with patched(owner, name, value):
+            yield f"  undone: {what}", "s", time_ppo_update(ISSUE, device, dtype, run)[0]["total"]
 
 
 def bench_compile(device, dtype, run):
@@ -364,7 +401,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="bf16 means bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,ppo,dpo,attention,compile")
+    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,ppo,dpo,attention,ablation,compile")
     args = ap.parse_args(argv)
     device = train.pick_device(args.device)
     preset = args.preset if args.preset != "auto" else ("gpu" if device == "cuda" else "cpu")
@@ -377,8 +414,10 @@ def main(argv=None):
     p = preset_setting(preset)
     sections = [("matmul", "matmul", bench_matmul), ("pretrain", "pretrain", bench_pretrain),
                 ("generate", "generate", bench_generate), ("ppo", "ppo issue", ppo_rows(ISSUE)),
+                ("ppo", "ppo issue mb64", ppo_rows(dict(ISSUE, minibatch=64))),
                 ("ppo", "ppo preset", ppo_rows(p)), ("dpo", "dpo issue", dpo_rows(ISSUE)),
                 ("dpo", "dpo preset", dpo_rows(p)), ("attention", "attention", bench_attention),
+                ("ablation", "ablation", bench_ablation),
                 ("compile", "compile", bench_compile)]
     known = {key for key, _, _ in sections}
     wanted = set(args.only.split(",")) if args.only else known - ({"compile"} if args.quick else set())

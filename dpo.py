@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import tokenizer as tok
 from reference import freeze, gather_logprobs, precompute_logprobs
-from sft import autocast_context, load_checkpoint, lr_at
+from sft import adamw, autocast_context, load_checkpoint, lr_at
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -201,7 +201,7 @@ def train_dpo(policy, ref, enc, pairs, cfg: DPOConfig, device="cpu", dtype="fp32
     N = len(tokens)
     # No weight decay: it pulls weights towards 0, not towards the reference; the KL
     # regularisation is beta's job.
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(policy.parameters(), device, cfg.lr)
     ctx = autocast_context(device, dtype)
     records, last_eval, order = [], {}, torch.empty(0, dtype=torch.long)
     policy.train()

@@ -4,9 +4,10 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py hacking    --out out   # beta = 0 against the adaptive controller
     python experiments.py controller --out out   # the adaptive controller holds its KL target
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
+    python experiments.py frontier   --out out   # gold reward against KL: PPO targets, DPO betas
 
 Each one loads OUT/sft.pt and OUT/reward_model.pt (made by `python train.py --out OUT`),
-trains fresh PPO policies from the SFT model, and writes OUT/plots/<name>.png,
+trains fresh PPO (and, for the frontier, DPO) policies from the SFT model, and writes OUT/plots/<name>.png,
 OUT/<name>.json and a markdown table on stdout. Policies are judged the same way as in
 train.py: evaluate.evaluate_policy on the fixed held-out prompts.
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+import dpo
 import reward
 import tokenizer as tok
 import world
@@ -43,7 +45,8 @@ def setup(out, device):
         return evaluate_policy(model, enc, data["eval_prompts"], max_new, device, ref=sft_ref, reward_fn=proxy)
 
     sft_ref = freeze(policy)
-    return dict(sft=policy, enc=enc, rm=rm, data=data, evaluate=evaluate, device=device)
+    return dict(sft=policy, enc=enc, rm=rm, data=data, evaluate=evaluate, device=device,
+                dtype=run.get("dtype", "fp32"), out=out)  # train in the dtype the run used
 
 
 def progress(label):
@@ -76,7 +79,7 @@ def run_ppo(env, label, cfg, out=None):
     t0 = time.time()
     eval_fn = lambda m: env["evaluate"](m)[0]
     policy, history = train_ppo(policy, ref, env["rm"], env["enc"], env["data"]["train_prompts"], cfg,
-                                env["device"], log=progress(label), eval_fn=eval_fn)
+                                env["device"], env["dtype"], log=progress(label), eval_fn=eval_fn)
     metrics, samples = env["evaluate"](policy)
     result = dict(label=label, config=asdict(cfg), seconds=time.time() - t0, history=history,
                   final=metrics, samples=samples)
@@ -208,9 +211,61 @@ def overopt(env, cfg, out, beta=0.0):
     return result
 
 
-EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt}
+# ----------------------------------------------------------------------------- 4. the frontier
+
+def run_dpo(env, beta, cfg):
+    """DPO from the SFT model at one beta on the reward model's training pairs (the same
+    annotated pairs PPO's reward model learnt from); kept in OUT/dpo_runs/ and reused."""
+    path = os.path.join(env["out"], "dpo_runs", f"beta{beta:g}.json")
+    cfg = replace(cfg, beta=beta)
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["config"] == asdict(cfg):
+            print(f"DPO beta={beta:g}: reusing {path}")
+            return cached
+    with open(os.path.join(env["out"], "preferences.json")) as f:
+        pairs = json.load(f)["pairs"]
+    train_pairs, val_pairs = reward.split_pairs(pairs, reward.RewardConfig().val_fraction)
+    log = lambda r: print(f"DPO beta={beta:g} {r['step']:>3} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
+                          f"acc {r['accuracy']:.2f} eta {r['eta_s']:.0f}s", flush=True)
+    point = dpo.dpo_sweep(env["sft"], env["enc"], train_pairs, [beta], cfg, env["device"], env["dtype"], log,
+                          lambda m: env["evaluate"](m)[0], val_pairs)[0]
+    result = dict(label=f"DPO beta={beta:g}", config=asdict(cfg), final=point)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def frontier(env, cfg, out, targets, dpo_betas):
+    """The reward-KL frontier (Rafailov et al. 2023, fig. 2 left, in miniature): gold reward
+    against the exact KL to the reference on the held-out prompts, for PPO with the adaptive
+    controller at several KL targets and DPO at several betas, every policy from the same SFT
+    model, judged by the same evaluation."""
+    import matplotlib.pyplot as plt
+    base = sft_baseline(env)
+    ppo_runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
+    dpo_runs = [run_dpo(env, b, dpo.DPOConfig(seed=cfg.seed)) for b in dpo_betas]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([0], [base["final"]["gold_reward"]], color="gray", marker="*", s=120, label="SFT", zorder=3)
+    for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", lambda r: r["config"]["kl_target"]),
+                                     (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"])):
+        xs, ys = [r["final"]["kl"] for r in runs], [r["final"]["gold_reward"] for r in runs]
+        ax.plot(xs, ys, marker + "-", label=name)
+        for r, x, y in zip(runs, xs, ys):
+            ax.annotate(f"{knob(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="KL(pi || pi_ref) on held-out prompts, nats per answer", ylabel="gold reward",
+           xscale="symlog", title="reward-KL frontier: every point one policy")
+    ax.legend()
+    print("\n" + table([base] + ppo_runs + dpo_runs) + "\n")
+    save(out, "frontier", dict(sft=base, ppo=ppo_runs, dpo=dpo_runs), fig)
+    return ppo_runs, dpo_runs
+
+
+EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt, "frontier": frontier}
 # PPO updates per run when --updates is not given: the controller needs time to settle.
-DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60}
+DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60, "frontier": 80}
 
 
 def main(argv=None):
@@ -220,13 +275,16 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (default: per experiment)")
     parser.add_argument("--kl-target", type=float, nargs="+", default=None,
-                        help="controller: KL target(s) in nats per sequence (default: 2 and 4)")
+                        help="controller: KL target(s) in nats per sequence (default: 2 and 4; frontier: 1 2 4 8)")
     parser.add_argument("--beta", type=float, default=0.0, help="overopt: the fixed KL coefficient")
+    parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
+                        help="frontier: DPO's beta values")
     parser.add_argument("--seed", type=int, default=0, help="PPO seed (the same for every run of an experiment)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 is fastest for this model size on a busy 2-core machine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; use 1 when several runs share the CPU)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = setup(args.out, args.device)
     cfg = PPOConfig(seed=args.seed, updates=args.updates or DEFAULT_UPDATES[args.experiment])
     t0 = time.time()
@@ -234,6 +292,8 @@ def main(argv=None):
         controller(env, cfg, args.out, args.kl_target or [2.0, 4.0])
     elif args.experiment == "overopt":
         overopt(env, cfg, args.out, args.beta)
+    elif args.experiment == "frontier":
+        frontier(env, cfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
     else:
         hacking(env, cfg, args.out)
     print(f"{args.experiment}: {time.time() - t0:.0f}s")

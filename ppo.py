@@ -31,7 +31,6 @@ and `optimise`); each one catches a bug that otherwise shows up only as "RL is f
 import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ import tokenizer as tok
 import world
 from evaluate import decode_responses, left_pad
 from reference import gather_logprobs, response_mask
+from sft import adamw, autocast_context
 
 
 @dataclass
@@ -330,10 +330,11 @@ def train_ppo(policy, ref, reward_model, enc, prompts, cfg, device="cpu", dtype=
     # eval mode throughout: dropout off, so the model we train is the one that sampled.
     policy.eval(), critic.eval()
     # One Adam, two param groups (own learning rates, gradients clipped per group).
-    optimizer = torch.optim.Adam([{"params": list(policy.parameters()), "lr": cfg.lr},
-                                  {"params": list(critic.parameters()), "lr": cfg.critic_lr}], eps=1e-5)
+    optimizer = adamw([{"params": list(policy.parameters()), "lr": cfg.lr},
+                       {"params": list(critic.parameters()), "lr": cfg.critic_lr}], device, cfg.lr,
+                      betas=(0.9, 0.999), eps=1e-5)  # weight decay 0: plain Adam
     controller = make_controller(cfg)
-    ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if dtype == "bf16" else nullcontext()
+    ctx = autocast_context(device, dtype)
     tol = TOLERANCE[dtype]
     order, history, t_start = [], [], time.time()
     for update in range(cfg.updates):

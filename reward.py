@@ -35,7 +35,7 @@ import tokenizer as tok
 import world
 from evaluate import sample_batch
 from model import GPT, GPTConfig
-from sft import autocast_context, lr_at
+from sft import adamw, autocast_context, lr_at
 
 
 class ScalarModel(nn.Module):
@@ -89,9 +89,10 @@ class RewardConfig:
     n_prompts: int = 500           # training prompts answered by the SFT policy
     samples_per_prompt: int = 8    # completions per prompt (and reviews per world group): 28 pairs
     world_groups: int = 500        # groups of k real reviews from the world (see make_preferences)
-    steps: int = 250               # optimiser steps: about two passes over the groups
+    world_slips: float = 0.5       # share of those reviews given a slip (see splice): invalid text
+    steps: int = 600               # optimiser steps: about five passes over the groups
     batch_size: int = 8            # groups (a prompt and all its pairs) per step
-    lr: float = 1e-3
+    lr: float = 3e-4
     warmup: int = 10
     weight_decay: float = 0.0
     val_fraction: float = 0.1      # the first policy prompts' pairs are held out for validation
@@ -116,6 +117,15 @@ def label_group(prompt, texts, rng, source, gold_fn=None):
     return pairs
 
 
+def splice(review, other, rng):
+    """A review with a slip: its first words (at least 3) joined to the tail of another review,
+    e.g. "the hero was" + "a mess. what a film." The SFT policy's own mistakes look like this:
+    a sentence that starts in one pattern and ends in another. Usually invalid (gold -1)."""
+    words, tail = review.split(" "), other.split(" ")
+    cut = rng.randint(3, max(3, len(words) - 1))
+    return " ".join(words[:cut] + tail[rng.randint(1, len(tail) - 1):])
+
+
 def make_preferences(policy, enc, prompts, cfg, device, seed, gold_fn=None):
     """Preference pairs, deterministic given seed and cfg. Returns a list of
     {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "source"}, chosen and
@@ -124,16 +134,19 @@ def make_preferences(policy, enc, prompts, cfg, device, seed, gold_fn=None):
       source "policy": the first cfg.n_prompts prompts, each answered k = cfg.samples_per_prompt
         times by `policy` at temperature 1; all pairs of a prompt's answers.
       source "world": then cfg.world_groups groups of k real reviews from the world's grammar
-        that start with the same two words (the prompt); all pairs within a group.
+        that start with the same two words (the prompt), a share cfg.world_slips of them given
+        a slip (`splice`); all pairs within a group.
     Why the world's reviews: the reward model must learn what makes a review good from a few
     thousand labelled texts, and sampling is the slow part. Real reviews cost nothing to make
-    and teach sentiment; the policy's answers teach what the policy gets wrong (invalid text).
+    and teach sentiment. The slips teach what an invalid answer looks like: the policy makes
+    one in ~8 answers, too few for the model to learn from (without them it scored invalid
+    answers only 0.02 std below valid ones and got one-invalid pairs right 54% of the time).
     """
     k = cfg.samples_per_prompt
     assert k >= 2, "need at least two completions per prompt to compare"
     prompts = list(prompts[:cfg.n_prompts])
     repeated = [p for p in prompts for _ in range(k)]
-    max_new = policy.cfg.block_size - max(len(tok.encode(enc, p)) for p in prompts)
+    max_new = policy.cfg.block_size - max([len(tok.encode(enc, p)) for p in prompts], default=0)
     texts = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -149,6 +162,8 @@ def make_preferences(policy, enc, prompts, cfg, device, seed, gold_fn=None):
         words = review.split(" ")
         if len(words) < 3:  # nothing left to complete after a two-word prompt
             continue
+        if len(words) > 3 and world_rng.random() < cfg.world_slips:
+            review = splice(review, world.generate_review(world_rng), world_rng)
         prompt = " ".join(words[:2])
         waiting.setdefault(prompt, []).append(review)
         if len(waiting[prompt]) == k:
@@ -263,7 +278,7 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
         torch.manual_seed(cfg.annotator_seed)
         rm = ScalarModel(sft_model, cfg.head_std).to(device)
     rm.train()
-    opt = torch.optim.AdamW(rm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = adamw(rm.parameters(), device, cfg.lr, weight_decay=cfg.weight_decay)
     ctx = autocast_context(device, dtype)
     gen = torch.Generator().manual_seed(cfg.annotator_seed)
     order, used = torch.randperm(n_groups, generator=gen), 0

@@ -1,6 +1,17 @@
-"""Shared test setup."""
+"""Shared test setup. `pytest --dtype fp32` (or bf16) runs the end-to-end tests in that
+precision; the default, auto, is what `python train.py` picks on this machine."""
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                     help="train.py --dtype for the end-to-end tests")
+
+
+@pytest.fixture
+def dtype_flag(request):
+    return ["--dtype", request.config.getoption("--dtype")]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -77,3 +77,20 @@ def test_generation_stops_at_eos_and_pads():
         assert PAD not in row[:row.index(EOS) if EOS in row else len(row)]
     assert n_ended > 0
     assert (tokens[:, 3:] <= PAD).all()  # with 64 rows x 25 steps over 64 tokens, some rows must end
+
+
+def test_sampler_draws_from_the_model_distribution():
+    """generate()'s inverse-CDF sampler: first-token frequencies over many rows match
+    softmax(logits / T) within 5 standard errors, and top_k never yields a token outside
+    the k most likely."""
+    m = small_model(3)
+    prompt = torch.tensor([[1, 2, 3]]).expand(20000, 3)
+    probs = torch.softmax(m(prompt[:1])[0, -1] / 1.5, -1)
+    torch.manual_seed(0)
+    tokens, _ = m.generate(prompt, 1, EOS, PAD, temperature=1.5)
+    freq = torch.bincount(tokens[:, 3], minlength=probs.numel()).float() / len(tokens)
+    stderr = (probs * (1 - probs) / len(tokens)).sqrt()
+    assert ((freq - probs).abs() <= 5 * stderr + 1e-4).all()
+    top5 = set(torch.topk(probs, 5).indices.tolist())
+    tokens, _ = m.generate(prompt[:2000], 1, EOS, PAD, temperature=1.5, top_k=5)
+    assert set(tokens[:, 3].tolist()) <= top5

@@ -150,8 +150,10 @@ def tiny_gpt(enc, seed=0):
                          n_embd=32, n_out=tok.pad_id(enc)))
 
 
-def test_short_ppo_run_raises_a_trivial_reward(enc):
-    """Reward = share of response tokens equal to one chosen token: PPO must raise it."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_short_ppo_run_raises_a_trivial_reward(enc, dtype):
+    """Reward = share of response tokens equal to one chosen token: PPO must raise it, in
+    fp32 and under bf16 autocast (whose sanity checks, ratio 1 and KL 0, must pass too)."""
     target = tok.encode(enc, " good")[0]
 
     def score_fn(tokens, P):
@@ -165,7 +167,7 @@ def test_short_ppo_run_raises_a_trivial_reward(enc):
                         kl_controller="fixed", init_beta=0.01, missing_eos_penalty=None,
                         max_new_tokens=8, eval_every=100)
     records = []
-    _, history = ppo.train_ppo(policy, ref, score_fn, enc, PROMPTS * 20, cfg, log=records.append)
+    _, history = ppo.train_ppo(policy, ref, score_fn, enc, PROMPTS * 20, cfg, dtype=dtype, log=records.append)
     assert len(history) == 25 and records == history
     first = sum(h["proxy_reward"] for h in history[:3]) / 3
     last = sum(h["proxy_reward"] for h in history[-3:]) / 3

@@ -10,7 +10,7 @@ import torch
 import tokenizer as tok
 import world
 from model import GPT, GPTConfig
-from reward import (RewardConfig, ScalarModel, annotator_label_accuracy, blind_spot_edits,
+from reward import (RewardConfig, ScalarModel, annotator_label_accuracy, blind_spot_edits, splice,
                     blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
                     last_token_index, load_scalar_model, make_preferences, normalize,
                     plot_reward_model, proxy_reward_fn, proxy_vs_gold, rank_correlation,
@@ -143,6 +143,14 @@ def test_encode_pairs_stores_each_text_once_and_ends_it_with_eos(enc):
     assert row == tok.encode(enc, "it was great.") + [tok.eos_id(enc)]
 
 
+def test_splice_joins_a_head_to_another_reviews_tail():
+    rng = random.Random(0)
+    a, b = "the plot was great. i loved it.".split(" "), "what a mess. we hated the film.".split(" ")
+    ways = {" ".join(a[:cut] + b[j:]) for cut in range(3, len(a)) for j in range(1, len(b))}
+    seen = {splice(" ".join(a), " ".join(b), rng) for _ in range(300)}
+    assert seen <= ways and len(seen) > len(ways) // 2  # the first 3+ words of a, then b's tail
+
+
 def test_make_preferences_is_deterministic_and_well_formed(enc):
     policy = tiny_gpt(enc, block_size=24)
     prompts = ["it was", "the film", "i loved"]
@@ -151,11 +159,16 @@ def test_make_preferences_is_deterministic_and_well_formed(enc):
     assert pairs == make_preferences(policy, enc, prompts, cfg, "cpu", seed=1)
     assert pairs != make_preferences(policy, enc, prompts, cfg, "cpu", seed=2)
     assert 1 <= len(pairs) <= 2 * 3  # up to 3 choose 2 per prompt; identical twins are dropped
-    with_world = make_preferences(policy, enc, prompts, replace(cfg, world_groups=2), "cpu", seed=1)
+    with_world = make_preferences(policy, enc, prompts, replace(cfg, world_groups=2, world_slips=0.0), "cpu", seed=1)
     assert with_world[:len(pairs)] == pairs and len(with_world) >= len(pairs) + 2
     for p in with_world[len(pairs):]:
         assert p["source"] == "world" and world.is_valid(p["prompt"] + p["chosen"])
         assert len(p["prompt"].split()) == 2 and p["chosen"].startswith(" ")
+    slipped = make_preferences(policy, enc, prompts, replace(cfg, world_groups=20, world_slips=1.0), "cpu", seed=1)
+    texts = [p["prompt"] + p[side] for p in slipped[len(pairs):] for side in ("chosen", "rejected")]
+    assert sum(not world.is_valid(t) for t in texts) > 0.6 * len(texts)  # a slip is usually invalid...
+    for p in slipped[len(pairs):]:  # ...and is labelled by its gold reward like any text
+        assert p["gold_chosen"] == world.gold_reward(p["prompt"] + p["chosen"])
     for p in pairs:
         assert p["source"] == "policy"
         assert p["prompt"] in prompts[:2] and p["chosen"] != p["rejected"]

@@ -9,8 +9,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(out, *extra):
-    r = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--device", "cpu", "--out", out, *extra],
+def run(out, flags):
+    """flags: more train.py arguments (here --dtype, from `pytest --dtype`; see conftest.py)."""
+    r = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--device", "cpu", "--out", out, *flags],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
@@ -22,9 +23,9 @@ def figures(out):
     return {k: {m: v for m, v in s[k].items() if m != "seconds"} for k in ("sft", "ppo", "dpo")}
 
 
-def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path):
+def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_flag):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run(a)
+    run(a, dtype_flag)
     summary = json.load(open(os.path.join(a, "summary.json")))
     for key in ("val_loss", "valid_rate", "gold_reward", "distinct_2"):
         assert key in summary["sft"]
@@ -40,14 +41,14 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path):
     for f in ("samples.md", "plots/ppo.png", "plots/reward_model.png", "preferences.json"):
         assert os.path.exists(os.path.join(a, f)), f
     # Same seed, same config, CPU: the same figures.
-    run(b)
+    run(b, dtype_flag)
     assert figures(a) == figures(b)
     # A stage killed mid-write left garbage, another never finished: the re-run reuses the
     # earlier stages, redoes those two, and lands on the same figures.
     with open(os.path.join(b, "ppo.pt"), "wb") as f:
         f.write(b"half a checkpoint")
     os.remove(os.path.join(b, "dpo.pt"))
-    out = run(b)
+    out = run(b, dtype_flag)
     assert "pretrain: reusing" in out and "sft: reusing" in out and "reward_model: reusing" in out
     assert "ppo: reusing" not in out and "dpo: reusing" not in out
     assert figures(a) == figures(b)
