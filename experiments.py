@@ -5,6 +5,7 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py controller --out out   # the adaptive controller holds its KL target
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
     python experiments.py frontier   --out out   # gold reward against KL: PPO targets, DPO betas
+    python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
 
 Each one loads OUT/sft.pt and OUT/reward_model.pt (made by `python train.py --out OUT`),
 trains fresh PPO (and, for the frontier, DPO) policies from the SFT model, and writes OUT/plots/<name>.png,
@@ -63,9 +64,10 @@ def progress(label):
 
 def run_ppo(env, label, cfg, out=None):
     """Train a fresh copy of the SFT policy; returns history, final eval metrics, samples.
-    With `out`, the result is kept in OUT/ppo_runs/<label>.json and reused by any later
-    experiment that asks for the same label and config (hacking and overopt share beta=0)."""
-    path = out and os.path.join(out, "ppo_runs", label.replace("=", "").replace(" ", "_") + ".json")
+    With `out`, the result is kept in OUT/ppo_runs/<label>_seed<seed>_<dtype>.json and reused
+    by any later experiment that asks for the same run (hacking and overopt share beta=0)."""
+    name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
+    path = out and os.path.join(out, "ppo_runs", name + ".json")
     if path and os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
@@ -213,44 +215,51 @@ def overopt(env, cfg, out, beta=0.0):
 
 # ----------------------------------------------------------------------------- 4. the frontier
 
-def run_dpo(env, beta, cfg):
-    """DPO from the SFT model at one beta on the reward model's training pairs (the same
-    annotated pairs PPO's reward model learnt from); kept in OUT/dpo_runs/ and reused."""
-    path = os.path.join(env["out"], "dpo_runs", f"beta{beta:g}.json")
-    cfg = replace(cfg, beta=beta)
+def run_dpo(env, label, cfg):
+    """DPO from the SFT model on the reward model's training pairs (cfg.sources says which);
+    the result is kept in OUT/dpo_runs/<label>_seed<seed>_<dtype>.json and reused."""
+    name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
+    path = os.path.join(env["out"], "dpo_runs", name + ".json")
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
         if cached["config"] == asdict(cfg):
-            print(f"DPO beta={beta:g}: reusing {path}")
+            print(f"{label}: reusing {path}")
             return cached
     with open(os.path.join(env["out"], "preferences.json")) as f:
         pairs = json.load(f)["pairs"]
     train_pairs, val_pairs = reward.split_pairs(pairs, reward.RewardConfig().val_fraction)
-    log = lambda r: print(f"DPO beta={beta:g} {r['step']:>3} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
+    log = lambda r: print(f"{label:>10} {r['step']:>3} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
                           f"acc {r['accuracy']:.2f} eta {r['eta_s']:.0f}s", flush=True)
-    point = dpo.dpo_sweep(env["sft"], env["enc"], train_pairs, [beta], cfg, env["device"], env["dtype"], log,
+    point = dpo.dpo_sweep(env["sft"], env["enc"], train_pairs, [cfg.beta], cfg, env["device"], env["dtype"], log,
                           lambda m: env["evaluate"](m)[0], val_pairs)[0]
-    result = dict(label=f"DPO beta={beta:g}", config=asdict(cfg), final=point)
+    result = dict(label=label, config=asdict(cfg), final=point)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f)
     return result
 
 
+# plain DPO (Rafailov et al. 2023) at its best budget here, and leash's default (DPO + NLL, RPO)
+PLAIN_DPO = dict(sft_coef=0.0, max_steps=100, lr=1e-4)
+
+
 def frontier(env, cfg, out, targets, dpo_betas):
     """The reward-KL frontier (Rafailov et al. 2023, fig. 2 left, in miniature): gold reward
     against the exact KL to the reference on the held-out prompts, for PPO with the adaptive
-    controller at several KL targets and DPO at several betas, every policy from the same SFT
-    model, judged by the same evaluation."""
+    controller at several KL targets, and plain DPO and DPO + NLL (RPO, leash's default) at
+    several betas; every policy from the same SFT model, judged by the same evaluation."""
     import matplotlib.pyplot as plt
     base = sft_baseline(env)
     ppo_runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
-    dpo_runs = [run_dpo(env, b, dpo.DPOConfig(seed=cfg.seed)) for b in dpo_betas]
+    dpo_runs = [run_dpo(env, f"DPO beta={b:g}", dpo.DPOConfig(beta=b, seed=cfg.seed, **PLAIN_DPO))
+                for b in dpo_betas]
+    rpo_runs = [run_dpo(env, f"RPO beta={b:g}", dpo.DPOConfig(beta=b, seed=cfg.seed)) for b in dpo_betas]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([0], [base["final"]["gold_reward"]], color="gray", marker="*", s=120, label="SFT", zorder=3)
     for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", lambda r: r["config"]["kl_target"]),
-                                     (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"])):
+                                     (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"]),
+                                     (rpo_runs, "DPO + NLL, RPO (beta)", "^", lambda r: r["config"]["beta"])):
         xs, ys = [r["final"]["kl"] for r in runs], [r["final"]["gold_reward"] for r in runs]
         ax.plot(xs, ys, marker + "-", label=name)
         for r, x, y in zip(runs, xs, ys):
@@ -258,14 +267,46 @@ def frontier(env, cfg, out, targets, dpo_betas):
     ax.set(xlabel="KL(pi || pi_ref) on held-out prompts, nats per answer", ylabel="gold reward",
            xscale="symlog", title="reward-KL frontier: every point one policy")
     ax.legend()
-    print("\n" + table([base] + ppo_runs + dpo_runs) + "\n")
-    save(out, "frontier", dict(sft=base, ppo=ppo_runs, dpo=dpo_runs), fig)
-    return ppo_runs, dpo_runs
+    print("\n" + table([base] + ppo_runs + dpo_runs + rpo_runs) + "\n")
+    save(out, "frontier", dict(sft=base, ppo=ppo_runs, dpo=dpo_runs, rpo=rpo_runs), fig)
+    return ppo_runs, dpo_runs, rpo_runs
 
 
-EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt, "frontier": frontier}
+# ----------------------------------------------------------------------------- 5. precision
+
+def precision(env, cfg, out, seeds=(0, 1), dpo_beta=0.1):
+    """The same PPO (adaptive, cfg's KL target) and DPO runs in fp32 and under bf16 autocast,
+    at two seeds each: does the fast default land where fp32 does, within seed noise?"""
+    import matplotlib.pyplot as plt
+    runs = []
+    for dtype in ("fp32", "bf16"):
+        denv = dict(env, dtype=dtype)
+        for seed in seeds:
+            r = run_ppo(denv, f"target {cfg.kl_target:g}", replace(cfg, seed=seed), out)
+            runs.append(dict(r, algo="PPO", dtype=dtype, seed=seed, label=f"PPO {dtype} seed {seed}"))
+            r = run_dpo(denv, f"RPO beta={dpo_beta:g}", dpo.DPOConfig(beta=dpo_beta, seed=seed))
+            runs.append(dict(r, algo="DPO", dtype=dtype, seed=seed, label=f"DPO (RPO) {dtype} seed {seed}"))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in runs:
+        ax.scatter(r["final"]["kl"], r["final"]["gold_reward"], marker="o" if r["algo"] == "PPO" else "s",
+                   color="tab:blue" if r["dtype"] == "fp32" else "tab:orange")
+        ax.annotate(f"{r['algo']} s{r['seed']}", (r["final"]["kl"], r["final"]["gold_reward"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([], [], color="tab:blue", label="fp32")
+    ax.scatter([], [], color="tab:orange", label="bf16 autocast")
+    ax.set(xlabel="KL(pi || pi_ref), nats per answer", ylabel="gold reward", title="fp32 against bf16, two seeds")
+    ax.legend()
+    print("\n" + table(runs) + "\n")
+    for r in runs:
+        print(f"{r['label']}: {r.get('seconds', r['final'].get('seconds', float('nan'))):.0f} s")
+    save(out, "precision", [{k: r[k] for k in ("label", "algo", "dtype", "seed", "final")} for r in runs], fig)
+    return runs
+
+
+EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt, "frontier": frontier,
+               "precision": precision}
 # PPO updates per run when --updates is not given: the controller needs time to settle.
-DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60, "frontier": 80}
+DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60, "frontier": 80, "precision": 80}
 
 
 def main(argv=None):
@@ -294,6 +335,8 @@ def main(argv=None):
         overopt(env, cfg, args.out, args.beta)
     elif args.experiment == "frontier":
         frontier(env, cfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
+    elif args.experiment == "precision":
+        precision(env, cfg, args.out)
     else:
         hacking(env, cfg, args.out)
     print(f"{args.experiment}: {time.time() - t0:.0f}s")

@@ -201,6 +201,7 @@ class GPT(nn.Module):
             cdf = logprobs.exp().cumsum(-1)
             u = torch.rand(B, 1, device=cdf.device) * cdf[:, -1:]  # scaled: rounding can leave cdf[-1] < 1
             tok = torch.searchsorted(cdf, u, right=True).squeeze(1)  # right: a zero-probability id is never hit
+            tok = tok.clamp(max=logits.shape[-1] - 1)  # u == cdf[-1] after rounding: once in ~1e7 draws
             lp = logprobs.gather(1, tok[:, None]).squeeze(1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out_tokens.append(tok)

@@ -273,19 +273,20 @@ def optimise(batch, forward, optimizer, cfg, tol=TOLERANCE["fp32"]):
 
 
 @torch.no_grad()
-def rollout_stats(ro, returns):
-    """What one rollout batch says about the policy (means over its answers)."""
+def rollout_stats(ro, returns, gold_fn=world.gold_reward, valid_fn=world.is_valid):
+    """What one rollout batch says about the policy (means over its answers). valid_fn None:
+    validity is not measured (a user's own text has no grammar), valid_rate is NaN."""
     mask, texts = ro["mask"], ro["texts"]
     seq_exact = (kl.full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)
     logp_all = torch.log_softmax(ro["logits"], -1)
     return {"proxy_reward": ro["scores"].mean().item(),
-            "gold_reward": sum(map(world.gold_reward, texts)) / len(texts),
+            "gold_reward": sum(map(gold_fn, texts)) / len(texts),
             "kl": kl.sequence_kl(ro["logp"], ro["ref_logp"], mask, "k1").mean().item(),
             "kl_exact": seq_exact.mean().item(), "kl_max": seq_exact.max().item(),
             "entropy": masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask).item(),
             "explained_variance": explained_variance(ro["values"], returns, mask),
             "length": mask.sum(1).mean().item(),
-            "valid_rate": sum(map(world.is_valid, texts)) / len(texts),
+            "valid_rate": sum(map(valid_fn, texts)) / len(texts) if valid_fn else float("nan"),
             "distinct_2": world.distinct_n(texts, 2),
             "eos_rate": ro["ended"].float().mean().item()}
 
@@ -300,7 +301,8 @@ def make_controller(cfg):
     raise ValueError(f"unknown kl_controller {cfg.kl_controller!r}: use adaptive, fixed or schedule")
 
 
-def train_ppo(policy, ref, reward_model, enc, prompts, cfg, device="cpu", dtype="fp32", log=print, eval_fn=None):
+def train_ppo(policy, ref, reward_model, enc, prompts, cfg, device="cpu", dtype="fp32", log=print, eval_fn=None,
+              gold_fn=world.gold_reward, valid_fn=world.is_valid):
     """PPO from `policy` (trained in place) against `reward_model`, anchored to `ref`.
 
     reward_model: a reward.ScalarModel, read at each answer's EOS (reward.score); the
@@ -309,7 +311,9 @@ def train_ppo(policy, ref, reward_model, enc, prompts, cfg, device="cpu", dtype=
     ref: reference.freeze(policy) taken before training (checked at update 0).
     prompts: training prompts (str). log(dict) gets one record per update; eval_fn(policy)
       -> dict is called every eval_every updates and after the last, its keys merged into
-      that record with an "eval_" prefix. Returns (policy, history: list of the records).
+      that record with an "eval_" prefix. gold_fn, valid_fn judge the sampled texts for the
+      records (userdata.py's for a user's own text; valid_fn None: not measured).
+      Returns (policy, history: list of the records).
     Record keys: proxy_reward (RM score before the EOS penalty), gold_reward, kl (k1) and
     kl_exact (mean nats per answer), kl_max, beta (used this update), entropy (nats per
     token), clipfrac, approx_kl, ratio_max, policy_loss, value_loss, vf_clipfrac,
@@ -366,7 +370,7 @@ def train_ppo(policy, ref, reward_model, enc, prompts, cfg, device="cpu", dtype=
             return F.pad(logp, (0, cut)), F.pad(values, (0, cut))
 
         stats = optimise(batch, forward, optimizer, cfg, tol)
-        rec = {"stage": "ppo", "step": update, "beta": beta, **rollout_stats(ro, returns), **stats}
+        rec = {"stage": "ppo", "step": update, "beta": beta, **rollout_stats(ro, returns, gold_fn, valid_fn), **stats}
         controller.update(rec["kl_exact"], cfg.rollouts)
         rec["seconds"] = time.time() - t0
         last = update == cfg.updates - 1

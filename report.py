@@ -1,7 +1,7 @@
 """
 What a run shows a person: one progress line per log step (every record also goes
 to metrics.jsonl), the comparison table of policies, their answers side by side
-(samples.md), and the PPO plots.
+(samples.md), and the plots of PPO and of the reward model.
 """
 import json
 import os
@@ -95,4 +95,32 @@ def plot_ppo(history, path, title):
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reward_model(proxy_gold, blind_spot, path):
+    """One PNG, two panels: proxy_vs_gold's scatter (Spearman in the title), and the change
+    of proxy and gold under each blind_spot_report edit."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for valid, color, label in ((True, "tab:blue", "valid"), (False, "tab:red", "invalid (gold -1)")):
+        pts = [(g, p) for g, p, v in zip(proxy_gold["gold"], proxy_gold["proxy"], proxy_gold["valid"]) if v == valid]
+        if pts:
+            ax1.scatter(*zip(*pts), s=8, alpha=0.5, color=color, label=label)
+    ax1.legend(loc="upper left")
+    ax1.set(xlabel="gold reward", ylabel="proxy reward (SFT mean 0, std 1)",
+            title=f"proxy vs gold on SFT samples: Spearman {proxy_gold['spearman']:.2f} "
+                  f"({proxy_gold['spearman_valid']:.2f} on valid)")
+    rows = blind_spot[1:]
+    x = range(len(rows))
+    ax2.bar([i - 0.2 for i in x], [r["d_proxy"] for r in rows], 0.4, label="proxy change (std units)")
+    ax2.bar([i + 0.2 for i in x], [r["d_gold"] for r in rows], 0.4, label="gold change")
+    ax2.axhline(0, color="black", linewidth=0.8)
+    ax2.set_xticks(x, [r["edit"] for r in rows], rotation=20, ha="right")
+    ax2.set(title="blind spot: edits of positive 3-sentence reviews")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

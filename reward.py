@@ -433,31 +433,3 @@ def blind_spot_report(rm, enc, device, base_texts, max_bases=512):
     for r in rows:
         r["d_proxy"], r["d_gold"] = r["proxy"] - rows[0]["proxy"], r["gold"] - rows[0]["gold"]
     return rows
-
-
-def plot_reward_model(proxy_gold, blind_spot, path):
-    """One PNG, two panels: proxy_vs_gold's scatter (Spearman in the title), and the change
-    of proxy and gold under each blind_spot_report edit."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for valid, color, label in ((True, "tab:blue", "valid"), (False, "tab:red", "invalid (gold -1)")):
-        pts = [(g, p) for g, p, v in zip(proxy_gold["gold"], proxy_gold["proxy"], proxy_gold["valid"]) if v == valid]
-        if pts:
-            ax1.scatter(*zip(*pts), s=8, alpha=0.5, color=color, label=label)
-    ax1.legend(loc="upper left")
-    ax1.set(xlabel="gold reward", ylabel="proxy reward (SFT mean 0, std 1)",
-            title=f"proxy vs gold on SFT samples: Spearman {proxy_gold['spearman']:.2f} "
-                  f"({proxy_gold['spearman_valid']:.2f} on valid)")
-    rows = blind_spot[1:]
-    x = np.arange(len(rows))
-    ax2.bar(x - 0.2, [r["d_proxy"] for r in rows], 0.4, label="proxy change (std units)")
-    ax2.bar(x + 0.2, [r["d_gold"] for r in rows], 0.4, label="gold change")
-    ax2.axhline(0, color="black", linewidth=0.8)
-    ax2.set_xticks(x, [r["edit"] for r in rows], rotation=20, ha="right")
-    ax2.set(title="blind spot: edits of positive 3-sentence reviews")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -28,8 +28,8 @@ from evaluate import evaluate_policy
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from reference import freeze
-from report import Logger, comparison_table, fmt, plot_ppo, write_samples
-from reward import (RewardConfig, blind_spot_report, load_scalar_model, make_preferences, plot_reward_model,
+from report import Logger, comparison_table, fmt, plot_ppo, plot_reward_model, write_samples
+from reward import (RewardConfig, blind_spot_report, load_scalar_model, make_preferences,
                     proxy_reward_fn, proxy_vs_gold, save_scalar_model, split_pairs, train_reward_model)
 from sft import TrainConfig, matmul_peak_flops, encode_pairs, encode_stream, load_checkpoint, rows_batch, \
     save_checkpoint, stream_batch, train_lm
@@ -68,6 +68,7 @@ class Args:
     kl_target: float = field(default=None, metadata={"help": "adaptive controller's target KL, nats per sequence (default: PPOConfig's)"})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 | k2 | k3 | full: per-token KL in PPO's reward"})
     dpo_beta: float = field(default=None, metadata={"help": "DPO's beta, strength of its implicit KL penalty (default: DPOConfig's)"})
+    dpo_sft_coef: float = field(default=None, metadata={"help": "weight of DPO's NLL term on chosen answers: 0 = plain DPO (default: DPOConfig's 1, RPO)"})
     no_kl_baseline: bool = field(default=False, metadata={"help": "also run PPO with beta = 0 (reward hacking)"})
     data: str = field(default=None, metadata={"help": "train on this text file instead of the toy world"})
     seed: int = field(default=1337, metadata={"help": "random seed (world, init, sampling)"})
@@ -105,7 +106,7 @@ def parse_args(argv=None):
         fail(f"--algo {args.algo}: unknown (choose ppo, dpo or both)")
     if args.kl_estimator not in ("k1", "k2", "k3", "full"):
         fail(f"--kl-estimator {args.kl_estimator}: unknown (choose k1, k2, k3 or full)")
-    for name in ("beta", "kl_target", "dpo_beta"):
+    for name in ("beta", "kl_target", "dpo_beta", "dpo_sft_coef"):
         v = getattr(args, name)
         if v is not None and not (v >= 0 and v < float("inf")):
             fail(f"--{name.replace('_', '-')} {v}: must be a finite number >= 0")
@@ -240,7 +241,7 @@ def main(argv=None):
     t_start = time.time()
     base_config = {"preset": preset_name, "seed": args.seed, "data": args.data, "dtype": dtype, **P}
     summary = {"config": {**base_config, **{k: getattr(args, k) for k in
-                          ("algo", "beta", "kl_target", "kl_estimator", "dpo_beta")}},
+                          ("algo", "beta", "kl_target", "kl_estimator", "dpo_beta", "dpo_sft_coef")}},
                "device": device, "dtype": dtype}
 
     # ---- the tokenizer, trained on the pretraining text
@@ -365,7 +366,7 @@ def main(argv=None):
         def run_ppo(pcfg=pcfg, name=name, beta=beta):
             t0 = time.time()
             policy, history = train_ppo(trainable_copy(sft_model), ref, rm, enc, data["train_prompts"], pcfg,
-                                        device, dtype, lambda r: log({**r, "stage": name}), eval_fn)
+                                        device, dtype, lambda r: log({**r, "stage": name}), eval_fn, gold_fn, valid_fn)
             return policy, {**eval_fn(policy), "kl_target": None if beta is not None else pcfg.kl_target,
                             "beta_final": history[-1]["beta"], "seconds": time.time() - t0,
                             "history": [{k: h[k] for k in ("step", "kl", "kl_exact", "beta", "proxy_reward",
@@ -382,6 +383,8 @@ def main(argv=None):
         dcfg = replace(DPOConfig(), **over["dpo"], seed=args.seed)
         if args.dpo_beta is not None:
             dcfg = replace(dcfg, beta=args.dpo_beta)
+        if args.dpo_sft_coef is not None:
+            dcfg = replace(dcfg, sft_coef=args.dpo_sft_coef)
         if args.dpo_steps:
             dcfg = replace(dcfg, max_steps=args.dpo_steps)
         run_config = {**rm_config, "dpo": asdict(dcfg)}

@@ -192,7 +192,7 @@ def test_one_forward_for_both_sides_matches_separate_forwards(enc):
 def test_train_dpo_learns_its_pairs_and_reports(enc):
     policy = tiny_gpt(enc)
     records, calls = [], []
-    cfg = DPOConfig(beta=0.5, epochs=30, batch_size=4, lr=3e-3, warmup=2, eval_every=20, log_every=5)
+    cfg = DPOConfig(beta=0.5, sft_coef=0.0, epochs=30, batch_size=4, lr=3e-3, warmup=2, eval_every=20, log_every=5)
     _, hist = train_dpo(policy, None, enc, PAIRS, cfg, log=records.append,
                         eval_fn=lambda m: calls.append(1) or {"gold_reward": 0.5}, val_pairs=PAIRS)
     first, last = records[0], records[-1]
@@ -221,7 +221,7 @@ def test_large_beta_keeps_a_trained_gpt_near_the_reference(enc):
     for beta in (0.1, 1000.0):
         policy = tiny_gpt(enc)
         ref = freeze(policy)
-        cfg = DPOConfig(beta=beta, epochs=40, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
+        cfg = DPOConfig(beta=beta, sft_coef=0.0, epochs=40, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
         train_dpo(policy, ref, enc, PAIRS, cfg, log=lambda r: None)
         kls[beta] = exact_kl_on_pairs(policy, ref, enc)
     assert kls[1000.0] < 0.1 * kls[0.1]
@@ -231,7 +231,7 @@ def test_sweep_starts_every_beta_from_the_same_policy(enc):
     start = tiny_gpt(enc)
     before = {k: v.clone() for k, v in start.state_dict().items()}
     ref = freeze(start)
-    cfg = DPOConfig(epochs=20, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
+    cfg = DPOConfig(sft_coef=0.0, epochs=20, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
     points = dpo_sweep(start, enc, PAIRS, [0.1, 1000.0], cfg, log=lambda r: None,
                        eval_fn=lambda m: {"kl": exact_kl_on_pairs(m, ref, enc)}, val_pairs=PAIRS)
     assert [p["beta"] for p in points] == [0.1, 1000.0]
@@ -240,7 +240,7 @@ def test_sweep_starts_every_beta_from_the_same_policy(enc):
 
 
 def test_max_steps_trains_on_a_random_subset_only(enc):
-    cfg = DPOConfig(epochs=1, max_steps=1, batch_size=2, eval_every=1000)
+    cfg = DPOConfig(sft_coef=0.0, epochs=1, max_steps=1, batch_size=2, eval_every=1000)
     _, hist = train_dpo(tiny_gpt(enc), None, enc, PAIRS, cfg, log=lambda r: None)
     assert hist["n_pairs"] == 2 and hist["epochs"] == 0.5 and len(hist["records"]) == 1
 

@@ -10,10 +10,11 @@ import torch
 import tokenizer as tok
 import world
 from model import GPT, GPTConfig
+from report import plot_reward_model
 from reward import (RewardConfig, ScalarModel, annotator_label_accuracy, blind_spot_edits, splice,
                     blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
                     last_token_index, load_scalar_model, make_preferences, normalize,
-                    plot_reward_model, proxy_reward_fn, proxy_vs_gold, rank_correlation,
+                    proxy_reward_fn, proxy_vs_gold, rank_correlation,
                     save_scalar_model, score, split_pairs, train_reward_model)
 
 FILLER = "the film plot cast music was is a bit very i we it".split()
