@@ -197,7 +197,7 @@ def overopt(env, cfg, out, beta=0.0):
     ax.plot(d, proxy, "o-", label="proxy (reward model)")
     ax.plot(d, gold, "s-", label="gold (world)")
     grid = np.linspace(0, d.max(), 100)
-    ax.plot(grid, grid * (alpha - b * grid), "k:", label=f"fit d({alpha:.2f} - {b:.3f} d)")
+    ax.plot(grid, grid * (alpha - b * grid), "k:", label=f"fit d({alpha:.2f} {-b:+.3f} d)")
     ax.set(xlabel="sqrt(KL(pi || pi_ref)), sqrt(nats per sequence)", ylabel="reward gain over SFT",
            title=f"overoptimization, PPO with beta={beta:g}")
     ax.legend()
@@ -260,6 +260,7 @@ def frontier(env, cfg, out, targets, dpo_betas):
     for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", lambda r: r["config"]["kl_target"]),
                                      (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"]),
                                      (rpo_runs, "DPO + NLL, RPO (beta)", "^", lambda r: r["config"]["beta"])):
+        runs = sorted(runs, key=lambda r: r["final"]["kl"])  # a frontier is drawn along KL
         xs, ys = [r["final"]["kl"] for r in runs], [r["final"]["gold_reward"] for r in runs]
         ax.plot(xs, ys, marker + "-", label=name)
         for r, x, y in zip(runs, xs, ys):
