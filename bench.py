@@ -356,7 +356,8 @@ def bench_attention(device, dtype, run):
 def bench_ablation(device, dtype, run):
     """One PPO update at the issue's settings with one optimisation undone at a time. The
     variants take turns, one update each per round, so a shared machine's drifts hit all alike."""
-    loop_adam = lambda params, device, lr, **kw: torch.optim.AdamW(params, lr=lr, **kw)
+    loop_adam = lambda params, device, lr, weight_decay=0.0, **kw: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, **kw)  # sft.adamw's optimiser, not fused
     variants = [("PPO update 4x128 (issue settings), as shipped", None),
                 ("  undone: attention: fused SDPA, not written out", (model_py, "attention", fused_sdpa)),
                 ("  undone: Adam: PyTorch's loop, not fused", (ppo, "adamw", loop_adam))]

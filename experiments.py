@@ -7,10 +7,12 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py frontier   --out out   # gold reward against KL: PPO targets, DPO betas
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
 
-Each one loads OUT/sft.pt and OUT/reward_model.pt (made by `python train.py --out OUT`),
-trains fresh PPO (and, for the frontier, DPO) policies from the SFT model, and writes OUT/plots/<name>.png,
-OUT/<name>.json and a markdown table on stdout. Policies are judged the same way as in
-train.py: evaluate.evaluate_policy on the fixed held-out prompts.
+Each one loads OUT/sft.pt, OUT/reward_model.pt and OUT/preferences.json (made by
+`python train.py --out OUT`), trains fresh PPO (frontier and precision: also DPO) policies
+from the SFT model, and writes OUT/plots/<name>.png, OUT/<name>.json and a markdown table
+on stdout. Policies are judged the same way as in train.py: evaluate.evaluate_policy on
+the fixed held-out prompts. Runs are cached in OUT/ppo_runs/ and OUT/dpo_runs/ together
+with the run config of the SFT model and reward model they started from.
 """
 import argparse
 import json
@@ -46,8 +48,23 @@ def setup(out, device):
         return evaluate_policy(model, enc, data["eval_prompts"], max_new, device, ref=sft_ref, reward_fn=proxy)
 
     sft_ref = freeze(policy)
-    return dict(sft=policy, enc=enc, rm=rm, data=data, evaluate=evaluate, device=device,
-                dtype=run.get("dtype", "fp32"), out=out)  # train in the dtype the run used
+    with open(os.path.join(out, "preferences.json")) as f:
+        prefs = json.load(f)  # the reward model's pairs (DPO learns from them) and its run config
+    return dict(sft=policy, enc=enc, rm=rm, data=data, evaluate=evaluate, device=device, out=out,
+                dtype=run.get("dtype", "fp32"),  # train in the dtype the run used
+                pairs=prefs["pairs"], source=prefs["run_config"])
+
+
+def cached_run(path, cfg, env):
+    """The cached result at path if it was made with this config from this very SFT model
+    and reward model (a re-run of train.py into the same folder may have replaced them)."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["config"] == asdict(cfg) and cached.get("source") == env["source"]:
+            print(f"{cached['label']}: reusing {path}")
+            return cached
+    return None
 
 
 def progress(label):
@@ -68,12 +85,9 @@ def run_ppo(env, label, cfg, out=None):
     by any later experiment that asks for the same run (hacking and overopt share beta=0)."""
     name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
     path = out and os.path.join(out, "ppo_runs", name + ".json")
-    if path and os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached["config"] == asdict(cfg):
-            print(f"{label}: reusing {path}")
-            return cached
+    cached = cached_run(path, cfg, env)
+    if cached:
+        return cached
     policy = freeze(env["sft"])  # a detached copy...
     for p in policy.parameters():
         p.requires_grad_(True)  # ...made trainable again
@@ -83,8 +97,8 @@ def run_ppo(env, label, cfg, out=None):
     policy, history = train_ppo(policy, ref, env["rm"], env["enc"], env["data"]["train_prompts"], cfg,
                                 env["device"], env["dtype"], log=progress(label), eval_fn=eval_fn)
     metrics, samples = env["evaluate"](policy)
-    result = dict(label=label, config=asdict(cfg), seconds=time.time() - t0, history=history,
-                  final=metrics, samples=samples)
+    result = dict(label=label, config=asdict(cfg), source=env["source"], seconds=time.time() - t0,
+                  history=history, final=metrics, samples=samples)
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -220,20 +234,15 @@ def run_dpo(env, label, cfg):
     the result is kept in OUT/dpo_runs/<label>_seed<seed>_<dtype>.json and reused."""
     name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
     path = os.path.join(env["out"], "dpo_runs", name + ".json")
-    if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached["config"] == asdict(cfg):
-            print(f"{label}: reusing {path}")
-            return cached
-    with open(os.path.join(env["out"], "preferences.json")) as f:
-        pairs = json.load(f)["pairs"]
-    train_pairs, val_pairs = reward.split_pairs(pairs, reward.RewardConfig().val_fraction)
+    cached = cached_run(path, cfg, env)
+    if cached:
+        return cached
+    train_pairs, val_pairs = reward.split_pairs(env["pairs"], env["source"]["reward"]["val_fraction"])
     log = lambda r: print(f"{label:>10} {r['step']:>3} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
                           f"acc {r['accuracy']:.2f} eta {r['eta_s']:.0f}s", flush=True)
     point = dpo.dpo_sweep(env["sft"], env["enc"], train_pairs, [cfg.beta], cfg, env["device"], env["dtype"], log,
                           lambda m: env["evaluate"](m)[0], val_pairs)[0]
-    result = dict(label=label, config=asdict(cfg), final=point)
+    result = dict(label=label, config=asdict(cfg), source=env["source"], final=point)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f)
@@ -321,7 +330,8 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.0, help="overopt: the fixed KL coefficient")
     parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
                         help="frontier: DPO's beta values")
-    parser.add_argument("--seed", type=int, default=0, help="PPO seed (the same for every run of an experiment)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="PPO and DPO seed, the same for every run of an experiment (precision: 0 and 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; use 1 when several runs share the CPU)")
     args = parser.parse_args(argv)

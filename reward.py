@@ -89,7 +89,7 @@ class RewardConfig:
     n_prompts: int = 500           # training prompts answered by the SFT policy
     samples_per_prompt: int = 8    # completions per prompt (and reviews per world group): 28 pairs
     world_groups: int = 500        # groups of k real reviews from the world (see make_preferences)
-    world_slips: float = 0.5       # share of those reviews given a slip (see splice): invalid text
+    world_slips: float = 0.5       # share of those reviews (of 4+ words) given a slip (see splice)
     steps: int = 600               # optimiser steps: about five passes over the groups
     batch_size: int = 8            # groups (a prompt and all its pairs) per step
     lr: float = 3e-4
