@@ -36,7 +36,7 @@ class GPTConfig:
                               # so they can never be sampled and need no masking anywhere.
 
 
-def positions_and_mask(pad_mask, past_len=0):
+def positions_and_mask(pad_mask):
     """From a (B, T) bool pad mask: positions (B, T) counted from each row's first real
     token, and a boolean attention mask (B, 1, T, T) that is causal and hides padding.
     Each query may always see itself, so a pure-padding row never becomes all -inf."""
