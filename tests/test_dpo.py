@@ -9,12 +9,11 @@ import torch
 import tokenizer as tok
 from dpo import (DPOConfig, dpo_loss, dpo_sweep, encode_preference_pairs, flatten_pairs,
                  reference_logps, sequence_logps, train_dpo)
+from helpers import tiny_gpt
 from kl import full_kl
-from model import GPT, GPTConfig
 from reference import freeze
 
 LOG2 = math.log(2)
-
 
 
 def t(*xs):
@@ -154,12 +153,6 @@ PAIRS = [{"prompt": "the film", "chosen": " was good.", "rejected": " was bad.",
 @pytest.fixture(scope="module")
 def enc():
     return tok.train_tokenizer(TEXTS, 300)
-
-
-def tiny_gpt(enc, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=32, vocab_size=tok.padded_vocab_size(enc), n_layer=2, n_head=2,
-                         n_embd=32, n_out=tok.pad_id(enc)))
 
 
 def test_pairs_encode_prompt_completion_eos_and_mask_the_completion(enc):

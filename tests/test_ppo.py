@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
+import helpers
 import kl
 import ppo
 import tokenizer as tok
-from model import GPT, GPTConfig
 from reference import freeze
-
 
 
 def gae_by_hand(rewards, values, mask, gamma, lam):
@@ -145,9 +144,7 @@ def enc():
 
 
 def tiny_gpt(enc, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=tok.padded_vocab_size(enc), n_layer=1, n_head=2,
-                         n_embd=32, n_out=tok.pad_id(enc)))
+    return helpers.tiny_gpt(enc, seed, block_size=16, n_layer=1)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

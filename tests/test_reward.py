@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+import helpers
 import tokenizer as tok
 import world
-from model import GPT, GPTConfig
 from report import plot_reward_model
 from reward import (RewardConfig, ScalarModel, annotator_label_accuracy, blind_spot_edits, splice,
                     blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
@@ -22,16 +22,13 @@ TEXTS = ["the film was good.", "i loved the cast!", "the plot was not very good.
          "the music was bad but the acting was great.", "it was great.", "it was awful."] * 20
 
 
-
 @pytest.fixture(scope="module")
 def enc():
     return tok.train_tokenizer(TEXTS + [" ".join(FILLER)] * 5, 300)
 
 
 def tiny_gpt(enc, seed=0, block_size=32):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=tok.padded_vocab_size(enc), n_layer=1,
-                         n_head=2, n_embd=32, n_out=tok.pad_id(enc))).eval()
+    return helpers.tiny_gpt(enc, seed, block_size, n_layer=1)
 
 
 def make_pair(prompt, a, b):
