@@ -46,7 +46,9 @@ def fmt(x, spec=".3f"):
 
 def comparison_table(summary):
     """A markdown table of every policy's figures on the evaluation prompts."""
-    rows = [("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), ("DPO", "dpo")]
+    dpo = summary.get("dpo") or {}
+    dpo_label = "DPO + NLL (RPO)" if dpo.get("sft_coef") else "DPO"  # sft_coef: see dpo.DPOConfig
+    rows = [("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), (dpo_label, "dpo")]
     lines = ["| policy | gold reward | proxy reward | KL to ref (nats) | valid | distinct-2 | seconds |",
              "|---|---|---|---|---|---|---|"]
     for label, key in rows:

@@ -394,7 +394,7 @@ def main(argv=None):
             policy, history = train_dpo(trainable_copy(sft_model), ref, enc, train_pairs, dcfg, device, dtype,
                                         log, eval_fn, val_pairs)
             return policy, {**history["eval"], "implicit_accuracy": history["implicit_accuracy"],
-                            "seconds": time.time() - t0}
+                            "beta": dcfg.beta, "sft_coef": dcfg.sft_coef, "seconds": time.time() - t0}
         policy, result = rlhf_stage("dpo", os.path.join(args.out, "dpo.pt"), run_config, run_dpo, device)
         summary["dpo"] = result
         columns["DPO"] = evaluate_policy(policy, enc, data["eval_prompts"], max_new, device,
