@@ -6,8 +6,9 @@ and under bf16 autocast, each figure the median of several timed repeats after w
     python bench.py --quick             # 3 repeats, no torch.compile: under two minutes
     python bench.py --json --dtype bf16 --only ppo,dpo --threads 1
 
-What is timed is leash's own code: sft's loss, model.generate, and ppo.train_ppo itself
-for one whole update, split into parts by stopwatches put around three functions it calls:
+What is timed is leash's own code: sft's loss, model.generate, and ppo.train_ppo itself,
+whole updates in a steady state (the first ones are warm-up), each split into parts by
+stopwatches put around three functions it calls:
     generation    policy.generate (KV cache)
     scoring       the rest of ppo.rollout: forwards of policy, reference, critic and
                   reward model, plus decoding the texts and the sanity checks
@@ -234,27 +235,31 @@ def bench_generate(device, dtype, run):
 
 
 def time_ppo_update(s, device, dtype, run):
-    """The median of timed single-update ppo.train_ppo runs: {"total", "generate", "rollout",
-    "optimise"} seconds, the (untrained) models, and the PPOConfig used."""
+    """Steady-state PPO updates: one ppo.train_ppo run of warm-up + repeats updates, each
+    update's parts read off the stopwatches. Returns the median update's {"total",
+    "generate", "rollout", "optimise"} seconds, the (untrained) models, and the PPOConfig.
+    Steady state, because a run is many updates: the first one also builds the critic and
+    Adam's state and runs the update-0 sanity check, which no later update pays for."""
     T = s["prompt"] + s["response"]
     policy, enc = make_gpt(s, T, device)
     ref = freeze(policy)
     rm = reward.ScalarModel(make_gpt(s, T, device)[0], head_std=0.02).to(device).eval()  # critic: a copy
     prompts = fixed_length_prompts(enc, s["rollouts"], s["prompt"])
-    cfg = ppo.PPOConfig(updates=1, rollouts=s["rollouts"], max_new_tokens=s["response"], eval_every=10 ** 9,
-                        minibatch_size=s["minibatch"])
-    updates = []
-    for i in range(sum(run["reps"])):
-        pol = copy.deepcopy(policy)  # update 0 checks that the policy IS the reference: a fresh copy
-        sec = {}
-        with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
-                stopwatch(ppo, "optimise", sec, device):
-            t = time.perf_counter()
-            ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=lambda rec: None)
-            sync(device)
-            sec["total"] = time.perf_counter() - t
-        if i >= run["reps"][0]:  # past the warm-up
-            updates.append(sec)
+    warmup, repeats = run["reps"]
+    cfg = ppo.PPOConfig(updates=warmup + repeats, rollouts=s["rollouts"], max_new_tokens=s["response"],
+                        eval_every=10 ** 9, minibatch_size=s["minibatch"])
+    pol, sec, updates = copy.deepcopy(policy), {}, []
+
+    def log(rec):  # called at the end of each update: its parts are the stopwatch increments
+        sync(device)
+        now = dict(sec, total=time.perf_counter())
+        updates.append({k: v - updates_end[-1].get(k, 0.0) for k, v in now.items()})
+        updates_end.append(now)
+    with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
+            stopwatch(ppo, "optimise", sec, device):
+        updates_end = [{"total": time.perf_counter()}]
+        ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=log)
+    updates = updates[warmup:]
     sec = sorted(updates, key=lambda x: x["total"])[len(updates) // 2]  # the median update, all its parts
     return sec, {"policy": policy, "reference": ref, "critic": rm, "reward model": rm}, cfg
 
@@ -361,7 +366,7 @@ def bench_ablation(device, dtype, run):
     variants = [("PPO update 4x128 (issue settings), as shipped", None),
                 ("  undone: attention: fused SDPA, not written out", (model_py, "attention", fused_sdpa)),
                 ("  undone: Adam: PyTorch's loop, not fused", (ppo, "adamw", loop_adam))]
-    seconds, one = {name: [] for name, _ in variants}, dict(run, reps=(0, 1))
+    seconds, one = {name: [] for name, _ in variants}, dict(run, reps=(1, 1))  # a warm-up update, a timed one
     for round_ in range(sum(run["reps"])):
         for name, patch in variants:
             with patched(*patch) if patch else contextlib.nullcontext():

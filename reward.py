@@ -84,13 +84,15 @@ def score(model, tokens, pad_id):
 
 @dataclass
 class RewardConfig:
-    # Defaults fit the "cpu" preset: about a minute on 2 cores. For "tiny" use
-    # RewardConfig(n_prompts=200, world_groups=300, steps=100): about 10 s.
-    n_prompts: int = 500           # training prompts answered by the SFT policy
+    # Defaults fit the "cpu" preset: about a minute on 2 cores (sampling 12 s, training 48 s).
+    # For "tiny" use RewardConfig(n_prompts=200, world_groups=300, steps=100): about 10 s.
+    # More data beat more steps: 500 prompts and 500 world groups with 600 steps reached
+    # validation accuracy 0.70 (ceiling 0.80) and Spearman 0.72; these reach 0.72-0.73 and 0.81.
+    n_prompts: int = 1000          # training prompts answered by the SFT policy
     samples_per_prompt: int = 8    # completions per prompt (and reviews per world group): 28 pairs
-    world_groups: int = 500        # groups of k real reviews from the world (see make_preferences)
+    world_groups: int = 2000       # groups of k real reviews from the world (see make_preferences)
     world_slips: float = 0.5       # share of those reviews (of 4+ words) given a slip (see splice)
-    steps: int = 600               # optimiser steps: about five passes over the groups
+    steps: int = 800               # optimiser steps: about two passes over the ~2,900 groups
     batch_size: int = 8            # groups (a prompt and all its pairs) per step
     lr: float = 3e-4
     warmup: int = 10
@@ -98,7 +100,7 @@ class RewardConfig:
     val_fraction: float = 0.1      # the first policy prompts' pairs are held out for validation
     head_std: float = 0.02         # small head: every answer starts near reward 0
     annotator_seed: int = 0        # the annotators' coin flips (and the head's init)
-    eval_every: int = 50
+    eval_every: int = 100          # validation costs ~8% of the stage at 50
     sample_batch: int = 1024       # completions per generate() call
 
 
@@ -396,6 +398,23 @@ def proxy_vs_gold(rm, enc, device, texts):
     ok = [i for i, v in enumerate(valid) if v]
     return {"proxy": proxy, "gold": gold, "valid": valid, "spearman": rank_correlation(proxy, gold),
             "spearman_valid": rank_correlation([proxy[i] for i in ok], [gold[i] for i in ok])}
+
+
+def accuracy_by_kind(rm, enc, device, pairs):
+    """Where the model falls short of the ceiling: accuracy on `pairs` (e.g. validation) split
+    into pairs of two valid answers (reading sentiment) and pairs with one invalid answer
+    (spotting broken text), world data only. {kind: {"n", "accuracy", "gold_label_accuracy"}}."""
+    reward_fn = proxy_reward_fn(rm, enc, device)
+    chosen, rejected = ([p["prompt"] + p[side] for p in pairs] for side in ("chosen", "rejected"))
+    r_c, r_r = reward_fn(chosen), reward_fn(rejected)
+    valid = [(world.is_valid(a), world.is_valid(b)) for a, b in zip(chosen, rejected)]
+    out = {}
+    for kind, keep in (("both valid", lambda v: v[0] and v[1]), ("one invalid", lambda v: v[0] != v[1])):
+        idx = [i for i, v in enumerate(valid) if keep(v)]
+        hits = [1.0 if r_c[i] > r_r[i] else 0.5 if r_c[i] == r_r[i] else 0.0 for i in idx]
+        out[kind] = {"n": len(idx), "accuracy": sum(hits) / max(1, len(idx)),
+                     "gold_label_accuracy": gold_label_accuracy([pairs[i] for i in idx])}
+    return out
 
 
 NEUTRAL_SENTENCE = "i watched it at home."  # valid, sentiment 0: length without content

@@ -29,8 +29,9 @@ from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from reference import freeze
 from report import Logger, comparison_table, fmt, plot_ppo, plot_reward_model, write_samples
-from reward import (RewardConfig, blind_spot_report, load_scalar_model, make_preferences,
-                    proxy_reward_fn, proxy_vs_gold, save_scalar_model, split_pairs, train_reward_model)
+from reward import (RewardConfig, accuracy_by_kind, blind_spot_report, load_scalar_model,
+                    make_preferences, proxy_reward_fn, proxy_vs_gold, save_scalar_model, split_pairs,
+                    train_reward_model)
 from sft import TrainConfig, matmul_peak_flops, encode_pairs, encode_stream, load_checkpoint, rows_batch, \
     save_checkpoint, stream_batch, train_lm
 
@@ -336,7 +337,8 @@ def main(argv=None):
     pg = proxy_vs_gold(rm, enc, device, sft_samples) if not args.data else None
     spot = blind_spot_report(rm, enc, device, data["pretrain"] + sft_samples) if not args.data else []
     summary["reward_model"] = {**rm_metrics, "spearman_proxy_gold": pg["spearman"] if pg else None,
-                               "blind_spot": spot}
+                               "val_accuracy_by_kind": accuracy_by_kind(rm, enc, device, val_pairs)
+                               if not args.data else None, "blind_spot": spot}
     if pg and spot:
         plot_reward_model(pg, spot, os.path.join(args.out, "plots", "reward_model.png"))
     print(f"sft: valid {fmt(metrics['valid_rate'])}  gold {metrics['gold_reward']:.3f}  "
@@ -344,6 +346,8 @@ def main(argv=None):
           f"{summary['world_reference']['gold_reward']:.3f}, distinct-2 {summary['world_reference']['distinct_2']:.3f})")
     print(f"reward_model: val accuracy {rm_metrics['val_accuracy']:.3f} (gold-label ceiling "
           f"{rm_metrics['gold_label_accuracy']:.3f})" + (f", proxy-gold Spearman {pg['spearman']:.3f}" if pg else ""))
+    for kind, a in (summary["reward_model"]["val_accuracy_by_kind"] or {}).items():
+        print(f"  {kind} pairs ({a['n']}): {a['accuracy']:.3f} (ceiling {a['gold_label_accuracy']:.3f})")
     columns = {"SFT": sft_samples}
     write_json(os.path.join(args.out, "summary.json"), summary)
 
