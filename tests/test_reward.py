@@ -11,7 +11,7 @@ import helpers
 import tokenizer as tok
 import world
 from report import plot_reward_model
-from reward import (RewardConfig, ScalarModel, annotator_label_accuracy, blind_spot_edits, splice,
+from reward import (RewardConfig, ScalarModel, accuracy_by_kind, annotator_label_accuracy, blind_spot_edits, splice,
                     blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
                     last_token_index, load_scalar_model, make_preferences, normalize,
                     proxy_reward_fn, proxy_vs_gold, rank_correlation,
@@ -123,6 +123,26 @@ def test_gold_label_accuracy_on_hand_pairs():
     assert gold_label_accuracy(loud) == pytest.approx(0.5)
     assert annotator_label_accuracy(loud) == pytest.approx(0.5)  # 1 + 0 + 1/2
     assert annotator_label_accuracy(loud[:1]) == 1.0
+
+
+def test_accuracy_by_kind_splits_pairs_by_validity(monkeypatch):
+    best, good, broken = " it ten out of ten.", " it seven out of ten.", " it ten ten."
+    assert world.is_valid("i give" + good) and not world.is_valid("i give" + broken)
+    pairs = [make_pair("i give", best, good), make_pair("i give", good, best),        # both valid
+             make_pair("i give", best, broken), make_pair("i give", broken, good),    # one invalid
+             make_pair("i give", broken, broken + " ten.")]                           # both invalid: left out
+    # a "reward model" that scores every text by its gold reward gets exactly the ceiling per kind
+    def scored_by(f):
+        monkeypatch.setattr("reward.proxy_reward_fn", lambda rm, enc, device: lambda texts: list(map(f, texts)))
+    scored_by(world.gold_reward)
+    kinds = accuracy_by_kind(None, None, "cpu", pairs)
+    assert {k: v["n"] for k, v in kinds.items()} == {"both valid": 2, "one invalid": 2}
+    assert kinds["both valid"] == {"n": 2, "accuracy": 0.5, "gold_label_accuracy": 0.5}
+    assert kinds["one invalid"] == {"n": 2, "accuracy": 0.5, "gold_label_accuracy": 0.5}
+    # and one that ranks by the negated gold is wrong wherever gold is right
+    scored_by(lambda t: -world.gold_reward(t))
+    assert accuracy_by_kind(None, None, "cpu", pairs[:3])["both valid"]["accuracy"] == 0.5
+    assert accuracy_by_kind(None, None, "cpu", pairs[2:3])["one invalid"]["accuracy"] == 0.0
 
 
 def test_split_pairs_keeps_each_prompt_on_one_side():
