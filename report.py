@@ -5,6 +5,7 @@ to metrics.jsonl), the comparison table of policies, their answers side by side
 """
 import json
 import os
+import time
 
 
 class Logger:
@@ -16,6 +17,12 @@ class Logger:
 
     def __init__(self, out):
         self.path = os.path.join(out, "metrics.jsonl")
+
+    def start(self, config):
+        """Mark where a run begins: a re-run into the same folder appends to the same file,
+        so every run opens with {"stage": "run", "step": 0, "time", "config"}."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": "run", "step": 0, "time": time.time(), "config": config}) + "\n")
 
     def __call__(self, rec):
         with open(self.path, "a") as f:

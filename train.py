@@ -244,6 +244,7 @@ def main(argv=None):
     summary = {"config": {**base_config, **{k: getattr(args, k) for k in
                           ("algo", "beta", "kl_target", "kl_estimator", "dpo_beta", "dpo_sft_coef")}},
                "device": device, "dtype": dtype}
+    log.start(summary["config"])
 
     # ---- the tokenizer, trained on the pretraining text
     tok_path = os.path.join(args.out, "tokenizer.json")

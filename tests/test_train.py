@@ -52,3 +52,6 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_fl
     assert "pretrain: reusing" in out and "sft: reusing" in out and "reward_model: reusing" in out
     assert "ppo: reusing" not in out and "dpo: reusing" not in out
     assert figures(a) == figures(b)
+    # the two runs into b each opened their part of the (appended) metrics file with a marker
+    records = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    assert [r["stage"] for r in records].count("run") == 2 and records[0]["stage"] == "run"
