@@ -248,16 +248,15 @@ def time_ppo_update(s, device, dtype, run):
     warmup, repeats = run["reps"]
     cfg = ppo.PPOConfig(updates=warmup + repeats, rollouts=s["rollouts"], max_new_tokens=s["response"],
                         eval_every=10 ** 9, minibatch_size=s["minibatch"])
-    pol, sec, updates = copy.deepcopy(policy), {}, []
+    pol, sec, updates, marks = copy.deepcopy(policy), {}, [], []  # marks: clock + stopwatch totals
 
     def log(rec):  # called at the end of each update: its parts are the stopwatch increments
         sync(device)
-        now = dict(sec, total=time.perf_counter())
-        updates.append({k: v - updates_end[-1].get(k, 0.0) for k, v in now.items()})
-        updates_end.append(now)
+        marks.append(dict(sec, total=time.perf_counter()))
+        updates.append({k: v - marks[-2].get(k, 0.0) for k, v in marks[-1].items()})
     with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
             stopwatch(ppo, "optimise", sec, device):
-        updates_end = [{"total": time.perf_counter()}]
+        marks.append({"total": time.perf_counter()})
         ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=log)
     updates = updates[warmup:]
     sec = sorted(updates, key=lambda x: x["total"])[len(updates) // 2]  # the median update, all its parts

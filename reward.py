@@ -406,13 +406,12 @@ def accuracy_by_kind(rm, enc, device, pairs):
     (spotting broken text), world data only. {kind: {"n", "accuracy", "gold_label_accuracy"}}."""
     reward_fn = proxy_reward_fn(rm, enc, device)
     chosen, rejected = ([p["prompt"] + p[side] for p in pairs] for side in ("chosen", "rejected"))
-    r_c, r_r = reward_fn(chosen), reward_fn(rejected)
+    r_c, r_r = torch.tensor(reward_fn(chosen)), torch.tensor(reward_fn(rejected))
     valid = [(world.is_valid(a), world.is_valid(b)) for a, b in zip(chosen, rejected)]
     out = {}
     for kind, keep in (("both valid", lambda v: v[0] and v[1]), ("one invalid", lambda v: v[0] != v[1])):
         idx = [i for i, v in enumerate(valid) if keep(v)]
-        hits = [1.0 if r_c[i] > r_r[i] else 0.5 if r_c[i] == r_r[i] else 0.0 for i in idx]
-        out[kind] = {"n": len(idx), "accuracy": sum(hits) / max(1, len(idx)),
+        out[kind] = {"n": len(idx), "accuracy": bt_loss(r_c[idx], r_r[idx])[1].item() if idx else float("nan"),
                      "gold_label_accuracy": gold_label_accuracy([pairs[i] for i in idx])}
     return out
 

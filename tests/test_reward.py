@@ -11,8 +11,8 @@ import helpers
 import tokenizer as tok
 import world
 from report import plot_reward_model
-from reward import (RewardConfig, ScalarModel, accuracy_by_kind, annotator_label_accuracy, blind_spot_edits, splice,
-                    blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
+from reward import (RewardConfig, ScalarModel, accuracy_by_kind, annotator_label_accuracy,
+                    blind_spot_edits, splice, blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
                     last_token_index, load_scalar_model, make_preferences, normalize,
                     proxy_reward_fn, proxy_vs_gold, rank_correlation,
                     save_scalar_model, score, split_pairs, train_reward_model)
