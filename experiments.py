@@ -55,6 +55,12 @@ def setup(out, device):
                 pairs=prefs["pairs"], source=prefs["run_config"])
 
 
+def run_file(out, kind, label, cfg, dtype):
+    """OUT/<kind>/<label>_seed<seed>_<dtype>.json: where one run's result is cached."""
+    name = f"{label} seed{cfg.seed} {dtype}".replace("=", "").replace(" ", "_")
+    return os.path.join(out, kind, name + ".json")
+
+
 def cached_run(path, cfg, env):
     """The cached result at path if it was made with this config from this very SFT model
     and reward model (a re-run of train.py into the same folder may have replaced them)."""
@@ -83,8 +89,7 @@ def run_ppo(env, label, cfg, out=None):
     """Train a fresh copy of the SFT policy; returns history, final eval metrics, samples.
     With `out`, the result is kept in OUT/ppo_runs/<label>_seed<seed>_<dtype>.json and reused
     by any later experiment that asks for the same run (hacking and overopt share beta=0)."""
-    name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
-    path = out and os.path.join(out, "ppo_runs", name + ".json")
+    path = out and run_file(out, "ppo_runs", label, cfg, env["dtype"])
     cached = cached_run(path, cfg, env)
     if cached:
         return cached
@@ -232,8 +237,7 @@ def overopt(env, cfg, out, beta=0.0):
 def run_dpo(env, label, cfg):
     """DPO from the SFT model on the reward model's training pairs (cfg.sources says which);
     the result is kept in OUT/dpo_runs/<label>_seed<seed>_<dtype>.json and reused."""
-    name = f"{label} seed{cfg.seed} {env['dtype']}".replace("=", "").replace(" ", "_")
-    path = os.path.join(env["out"], "dpo_runs", name + ".json")
+    path = run_file(env["out"], "dpo_runs", label, cfg, env["dtype"])
     cached = cached_run(path, cfg, env)
     if cached:
         return cached

@@ -2,9 +2,10 @@
 The GPT: a small decoder-only transformer in the style of nanoGPT / GPT-2.
 
 Pre-LayerNorm blocks, causal self-attention (`attention`: PyTorch's fused kernel
-on a GPU, the formula written out on a CPU), a GELU MLP, learned absolute positions and an output head tied to the token
-embedding (Press & Wolf, 2017). Dropout is 0 by default because RL needs the
-log-probs of the sampling policy and of the trained policy to agree exactly.
+on a GPU, the formula written out on a CPU), a GELU MLP, learned absolute positions
+and an output head tied to the token embedding (Press & Wolf, 2017). Dropout is 0 by
+default because RL needs the log-probs of the sampling policy and of the trained policy
+to agree exactly.
 
 Two things RLHF needs beyond nanoGPT:
   * left-padded batches. Prompts have different lengths, so a batch of prompts is
@@ -56,7 +57,7 @@ def attention(q, k, v, mask=None):
     Two routes to the same numbers up to rounding: PyTorch's fused kernel, and the formula
     written out (under bf16 autocast its softmax runs in bf16; the logits after it are
     within 0.02 of fp32's, the fused kernel's within 0.015).
-    On a CPU the written-out one is as fast in fp32 and twice as fast in bf16 (bench.py,
+    On a CPU the written-out one is within ~10% in fp32 and twice as fast in bf16 (bench.py,
     "attention": the fused kernel's bf16 backward is slow at these small shapes); on a GPU
     the fused kernel never builds the (T, S) score matrix, so it wins there."""
     if q.device.type != "cpu":
