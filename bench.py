@@ -1,34 +1,53 @@
 """
-Speed and memory of leash's hot paths: one table, on whatever device this runs, in fp32
-and under bf16 autocast, each figure the median of several timed repeats after warm-up.
+Speed and memory of leash's hot paths: one table, on whatever device this runs, in fp32 and
+under bf16 autocast, each figure the median of several timed repeats after warm-up.
 
     python bench.py                     # everything, default preset (gpu on CUDA, else cpu)
-    python bench.py --quick             # 3 repeats, no torch.compile: under two minutes
+    python bench.py --quick             # 1 warm-up + 3 repeats, no torch.compile
     python bench.py --json --dtype bf16 --only ppo,dpo --threads 1
 
-What is timed is leash's own code: sft's loss, model.generate, and ppo.train_ppo itself,
-whole updates in a steady state (the first ones are warm-up), each split into parts by
-stopwatches put around three functions it calls:
-    generation    policy.generate (KV cache)
-    scoring       the rest of ppo.rollout: forwards of policy, reference, critic and
-                  reward model, plus decoding the texts and the sanity checks
-    optimisation  ppo.optimise: ppo_epochs x minibatches of forward + backward + Adam
-    other         rewards, GAE, whitening, rollout statistics (gold reward of the texts)
-The DPO step is written out here (as in dpo.train_dpo), because train_dpo computes the
-reference's log-probs once up front and the comparison asks for them at every step.
+bench.py calls leash's public functions as they are and never assigns an attribute of a project
+module. A variant it compares is an argument of the function (GPTConfig(fused_attention=...),
+model.autocast(..., sampling=...), the optimizer handed to ppo.optimise) or is written here.
 
-FLOPs. sft.model_flops_per_token counts training (forward + backward = 3 forwards) as
-6 N + 12 L C T per token (PaLM, appendix B), N = 12 L C^2 + V C. A forward is a third of
-that; a ScalarModel (reward model, critic) has no V x C output matrix: 2 V C less.
-MFU = counted FLOPs / seconds / the 1024^3 matmul rate measured in this run on the same
-device and dtype: the share of what this machine can do, right now, that is used.
+Sections (--only takes their keys):
+  matmul     the matmul peak (report.matmul_peak_flops, the MFU denominator) and two model shapes
+  pretrain   sft.train_lm's step: sft.masked_nll, backward, clip, model.adamw
+  generate   model.GPT.generate (KV cache) against recomputing the prefix at every step, under
+             model.autocast(device, dtype, sampling=True) as ppo.rollout samples
+  sampling   generate() in fp32 against under bf16 autocast, whatever --dtype says: the
+             measurement behind model.autocast's rule that sampling on a CPU stays fp32
+  ppo        whole updates of ppo.train_ppo in a steady state (timestamps from its log callback),
+             and an update split into its public pieces, called here on a second set of models,
+             one round of them inside the log callback after each update (outside its timing):
+               rollout       ppo.rollout: generation, then forwards of policy, reference, critic
+                             and reward model, and decoding the texts
+               generation    policy.generate alone, as ppo.rollout calls it
+               rewards       kl.kl_penalized_rewards + ppo.gae + ppo.whiten
+               optimisation  ppo.optimise: ppo_epochs x minibatches of forward + backward + Adam
+               other         the update minus those parts: its statistics (exact KL, entropy,
+                             the texts' gold reward), the controller (median of per-round
+                             differences)
+  dpo        dpo.train_dpo's step written out (sequence_logps, dpo_loss + the NLL term, AdamW),
+             with the reference precomputed (as train_dpo) and with its forward at every step
+  attention  forward + backward of a PPO minibatch with GPTConfig(fused_attention=False / True)
+  adam       an optimiser step over policy + critic: model.adamw (fused) against
+             torch.optim.AdamW's for-loop and foreach versions, and whole ppo.optimise calls
+  ablation   whole ppo.train_ppo updates as shipped and with fused_attention flipped
+  compile    a minibatch's forward + backward, eager against torch.compile (not with --quick)
 
-Models are randomly initialised (speed does not depend on the weights) and can never
-output EOS (n_out = EOS id), so every answer runs to its full length in every repeat.
+FLOPs: report.flops_per_token counts training (forward + backward = 3 forwards) as 6 N + 12 L C T
+per token (PaLM, appendix B), N = 12 L C^2 + V C. A forward is a third of that; a ScalarModel
+(reward model, critic) has no V x C output matrix: 2 V C less. MFU = counted FLOPs / seconds /
+the matmul peak measured in this run on the same device and dtype. On CUDA, TF32 is enabled as
+train.py does, so "fp32" means the same here as in a training run.
+
+Models are randomly initialised (speed does not depend on the weights) and can never output EOS
+(n_out = EOS id), so every answer runs to its full length in every repeat. Variants that are
+compared take turns, one timing each per round, so a shared machine's drift hits all alike;
+compare figures within one run.
 """
 import argparse
-import contextlib
-import copy
 import ctypes
 import functools
 import gc
@@ -38,21 +57,21 @@ import re
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 import dpo
+import kl
 import ppo
+import report
 import reward
 import sft
 import tokenizer as tok
 import train
 import world
-import model as model_py  # patched by the attention and ablation sections
-from model import GPT, GPTConfig
-from reference import freeze
+from model import GPT, GPTConfig, ScalarModel, adamw, autocast
+from reference import freeze, token_logprobs, trainable
 
 # The comparison in the performance issue: GPT 4 x 128, vocabulary 512, 64 rollouts of
 # 8 prompt + 32 response tokens, 4 PPO epochs, separate critic; DPO 32 pairs of 8 + 32.
@@ -65,7 +84,8 @@ def preset_setting(name):
     ppo_cfg, dpo_cfg = ppo.PPOConfig(**stage["ppo"]), dpo.DPOConfig(**stage["dpo"])
     return dict(name=f"preset {name}", n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
                 vocab=p["vocab_size"], prompt=8, response=p["block_size"] - 8, rollouts=ppo_cfg.rollouts,
-                pairs=dpo_cfg.batch_size, batch=p["batch_size"], block=p["block_size"], minibatch=ppo_cfg.minibatch_size)
+                pairs=dpo_cfg.batch_size, batch=p["batch_size"], block=p["block_size"],
+                minibatch=ppo_cfg.minibatch_size)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -75,17 +95,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """(seconds, fn's result) of one call, the device synchronised on both sides."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
 def median_seconds(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
+
+
+def take_turns(variants, device, warmup, repeats):
+    """variants {name: fn}: each round calls every fn once, in turn; returns {name: [seconds of
+    each timed round]}. Interleaving makes a drifting machine slow all variants alike."""
+    seconds = {name: [] for name in variants}
+    for round_ in range(warmup + repeats):
+        for name, fn in variants.items():
+            t, _ = timed(fn, device)
+            if round_ >= warmup:
+                seconds[name].append(t)
+    return seconds
 
 
 def reset_peak_memory(device):
@@ -112,37 +146,19 @@ def peak_memory_mb(device):
             return int(re.search(r"VmHWM:\s*(\d+) kB", f.read()).group(1)) / 1024
     except OSError:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (20 if sys.platform == "darwin" else 10)
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+        return kb / 1024
 
 
 def matmul_flops(device, dtype, m, k, n, warmup, repeats):
-    """FLOP/s of one (m, k) @ (k, n) product in `dtype` (what autocast turns a Linear into)."""
+    """Median FLOP/s of one (m, k) @ (k, n) product in `dtype` (what autocast turns a Linear into)."""
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     a, b = torch.randn(m, k, device=device, dtype=dt), torch.randn(k, n, device=device, dtype=dt)
     return 2 * m * k * n / median_seconds(lambda: a @ b, device, warmup, repeats)
 
 
 def forward_flops_per_token(cfg, lm_head=True):
-    return sft.model_flops_per_token(cfg) / 3 - (0 if lm_head else 2 * cfg.vocab_size * cfg.n_embd)
-
-
-@contextmanager
-def stopwatch(owner, name, seconds, device):
-    """Replace owner.<name> by a wrapper that adds each call's wall time to seconds[name]."""
-    original = getattr(owner, name)
-
-    def timed(*args, **kwargs):
-        sync(device)
-        t = time.perf_counter()
-        out = original(*args, **kwargs)
-        sync(device)
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
-        return out
-    setattr(owner, name, timed)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
+    return report.flops_per_token(cfg) / 3 - (0 if lm_head else 2 * cfg.vocab_size * cfg.n_embd)
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -159,10 +175,11 @@ def encoding(vocab_size):
     return tok.train_tokenizer(world_texts(), vocab_size)
 
 
-def make_gpt(s, block_size, device):
+def make_gpt(s, block_size, device, fused_attention=None):
     enc = encoding(s["vocab"])
     cfg = GPTConfig(block_size=block_size, vocab_size=tok.padded_vocab_size(enc), n_layer=s["n_layer"],
-                    n_head=s["n_head"], n_embd=s["n_embd"], n_out=tok.eos_id(enc))  # EOS never sampled
+                    n_head=s["n_head"], n_embd=s["n_embd"], n_out=tok.eos_id(enc),  # EOS never sampled
+                    fused_attention=fused_attention)
     return GPT(cfg).to(device), enc
 
 
@@ -178,6 +195,11 @@ def fixed_length_prompts(enc, n, length):
     raise RuntimeError(f"found only {len(out)} prompts of {length} tokens")
 
 
+def prompt_batch(enc, n, length, device):
+    ids = [tok.encode(enc, p) for p in fixed_length_prompts(enc, n, length)]
+    return tok.left_pad(ids, tok.pad_id(enc)).to(device)
+
+
 @torch.no_grad()
 def generate_without_cache(model, prompt, max_new_tokens):
     """Temperature-1 sampling that runs the whole prefix through the model at every step:
@@ -189,25 +211,108 @@ def generate_without_cache(model, prompt, max_new_tokens):
     return tokens
 
 
+def ppo_setup(s, device, fused_attention=None, **cfg_changes):
+    """What train.py hands ppo.train_ppo, untrained: a trainable policy, its frozen reference, a
+    frozen reward model (ScalarModel) read by score_fn, and a trainable critic copied from it."""
+    T = s["prompt"] + s["response"]
+    sft_model, enc = make_gpt(s, T, device, fused_attention)
+    rm = freeze(ScalarModel(sft_model, head_std=0.02).to(device))
+    pad = tok.pad_id(enc)
+    cfg = ppo.PPOConfig(rollouts=s["rollouts"], max_new_tokens=s["response"], eval_every=10 ** 9,
+                        minibatch_size=s["minibatch"], **cfg_changes)
+    return dict(policy=trainable(sft_model), ref=freeze(sft_model), rm=rm, critic=trainable(rm), enc=enc,
+                cfg=cfg, prompts=fixed_length_prompts(enc, s["rollouts"], s["prompt"]),
+                score_fn=lambda tokens, prompt_len: reward.score(rm, tokens, pad))
+
+
+def ppo_optimizer(m, device, kind="shipped"):
+    """train_ppo's optimiser (model.adamw: fused) over policy and critic, or torch's AdamW with
+    kind "loop" (fused=False, foreach=False) or "foreach", with the same groups and settings."""
+    groups = [{"params": list(m["policy"].parameters()), "lr": m["cfg"].lr},
+              {"params": list(m["critic"].parameters()), "lr": m["cfg"].critic_lr}]
+    if kind == "shipped":
+        return adamw(groups, device, m["cfg"].lr, betas=(0.9, 0.999), eps=1e-5)
+    return torch.optim.AdamW(groups, lr=m["cfg"].lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0,
+                             fused=False, foreach=kind == "foreach")
+
+
+def time_ppo_updates(s, device, dtype, warmup, repeats, fused_attention=None, between=None):
+    """Seconds of each steady-state update of one ppo.train_ppo run of warmup + repeats updates,
+    from timestamps its log callback takes. Steady state, because a run is many updates: the first
+    also builds Adam's state and runs the update-0 checks. between(): called in the callback after
+    each update, outside the timed span (so other timings can take turns with the updates)."""
+    m = ppo_setup(s, device, fused_attention, updates=warmup + repeats)
+    seconds, start = [], [time.perf_counter()]
+
+    def log(rec):
+        sync(device)
+        seconds.append(time.perf_counter() - start[0])
+        if between is not None:
+            between()
+        sync(device)
+        start[0] = time.perf_counter()
+    ppo.train_ppo(m["policy"], m["ref"], m["score_fn"], m["critic"], m["enc"], m["prompts"], m["cfg"],
+                  device, dtype, log=log)
+    return seconds[warmup:]
+
+
+def ppo_batch(m, ro):
+    """train_ppo's step 2 and 3 on a rollout: KL-shaped rewards, GAE, whitened advantages."""
+    cfg, mask = m["cfg"], ro["mask"]
+    scores = torch.where(ro["ended"], ro["scores"], cfg.no_eos_score) if cfg.no_eos_score is not None \
+        else ro["scores"]
+    rewards = kl.kl_penalized_rewards(scores, ro["logp"], ro["ref_logp"], mask, cfg.beta, cfg.kl_estimator,
+                                      ro["logits"], ro["ref_logits"])
+    advantages, returns = ppo.gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
+    return dict(tokens=ro["tokens"], logp=ro["logp"], values=ro["values"], returns=returns, mask=mask,
+                advantages=ppo.whiten(advantages, mask))
+
+
+def minibatch_step(device, dtype, left_padded=True, fused_attention=None, compile=False):
+    """Forward + backward of reference.token_logprobs on a PPO minibatch (16 x 40) of the 4 x 128
+    model. left_padded: what ppo.optimise does (pad_id given, so attention gets an explicit mask;
+    half the rows start with 3 PAD); else pad_id None, plain causal attention (SFT, DPO)."""
+    model, enc = make_gpt(ISSUE, ISSUE["prompt"] + ISSUE["response"], device, fused_attention)
+    tokens = torch.randint(model.n_out, (16, model.cfg.block_size), device=device)
+    if left_padded:
+        tokens[::2, :3] = tok.pad_id(enc)
+    fast = torch.compile(model) if compile else model
+
+    def step():
+        with autocast(device, dtype):
+            logp = token_logprobs(fast, tokens, tok.pad_id(enc) if left_padded else None)
+        model.zero_grad(set_to_none=True)
+        logp.sum().backward()
+    return step
+
+
 # ----------------------------------------------------------------------------- the benchmarks
-# Each takes (device, dtype, run) and yields (measurement, unit, value) rows.
+# A per-dtype section takes (device, dtype, run) and yields (measurement, unit, value) rows; a
+# section that compares dtypes itself takes (device, run) and yields (measurement, unit,
+# {"fp32": value, "bf16": value, "ratio": bf16/fp32 measured round by round}) rows.
 
 def bench_matmul(device, dtype, run):
-    yield "matmul 1024x1024x1024 (MFU denominator)", "GFLOP/s", run["peak"][dtype] / 1e9
+    peak, median = run["peak"][dtype], matmul_flops(device, dtype, 1024, 1024, 1024, *run["reps"])
+    yield "matmul peak: report.matmul_peak_flops, best of 30 (MFU's denominator)", "GFLOP/s", peak / 1e9
+    yield "matmul 1024^3, median", "GFLOP/s", median / 1e9
     # shapes of the 4 x 128 model: qkv on a PPO minibatch (16 x 40), MLP on 64 rollouts
     for (m, k, n), what in (((640, 128, 384), "qkv, PPO minibatch"), ((2560, 128, 512), "MLP, 64 rollouts")):
-        yield f"matmul {m}x{k}x{n} ({what})", "GFLOP/s", matmul_flops(device, dtype, m, k, n, *run["reps"]) / 1e9
+        rate = matmul_flops(device, dtype, m, k, n, *run["reps"])
+        yield f"matmul {m}x{k}x{n} ({what}), median", "GFLOP/s", rate / 1e9
 
 
 def bench_pretrain(device, dtype, run):
     s = run["preset"]
     model, _ = make_gpt(s, s["block"], device)
-    opt = sft.adamw(model.parameters(), device, 1e-4, weight_decay=0.1)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # sft.train_lm's groups
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = adamw([{"params": decay, "weight_decay": 0.1}, {"params": no_decay}], device, 1e-4)
     tokens = torch.randint(model.n_out, (s["batch"], s["block"]), device=device)
     mask = torch.ones(s["batch"], s["block"] - 1, device=device)
 
     def step():  # sft.train_lm's step
-        with sft.autocast_context(device, dtype):
+        with autocast(device, dtype):
             loss = sft.masked_nll(model, tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,169 +320,216 @@ def bench_pretrain(device, dtype, run):
         opt.step()
     tok_s = tokens.numel() / median_seconds(step, device, *run["reps"])
     yield f"pretrain {s['name']}, {s['batch']}x{s['block']} tokens", "tokens/s", tok_s
-    yield "  MFU (6N + 12LCT per token)", "%", 100 * tok_s * sft.model_flops_per_token(model.cfg) / run["peak"][dtype]
+    mfu = 100 * tok_s * report.flops_per_token(model.cfg) / run["peak"][dtype]
+    yield "  MFU (6N + 12LCT per token)", "%", mfu
 
 
 def bench_generate(device, dtype, run):
     s, new = run["preset"], 64
     model, enc = make_gpt(s, s["prompt"] + new, device)
     model.eval()
-    prompt = torch.randint(model.n_out, (s["rollouts"], s["prompt"]), device=device)
-    with sft.autocast_context(device, dtype):
+    prompt = prompt_batch(enc, s["rollouts"], s["prompt"], device)
+    with autocast(device, dtype, sampling=True):  # as ppo.rollout samples
         cached = median_seconds(lambda: model.generate(prompt, new, tok.eos_id(enc), tok.pad_id(enc)),
                                 device, *run["reps"])
         # no separate warm-up: a run is 64 forwards, and the median drops the first run's
         # one-time costs (every step is a new sequence length)
-        recomputed = median_seconds(lambda: generate_without_cache(model, prompt, new), device, 0, run["reps"][1])
-    yield f"generate, KV cache, {s['rollouts']} x ({s['prompt']} + {new}) tokens", "new tokens/s", s["rollouts"] * new / cached
-    yield "generate, no cache (whole prefix every step)", "new tokens/s", s["rollouts"] * new / recomputed
+        recomputed = median_seconds(lambda: generate_without_cache(model, prompt, new), device, 0,
+                                    run["reps"][1])
+    n = s["rollouts"] * new
+    yield f"generate, KV cache, {s['rollouts']} x ({s['prompt']} + {new}), autocast(sampling=True)", \
+        "new tokens/s", n / cached
+    yield "generate, no cache (whole prefix every step)", "new tokens/s", n / recomputed
     yield "  KV cache speed-up", "x", recomputed / cached
 
 
-def time_ppo_update(s, device, dtype, run):
-    """Steady-state PPO updates: one ppo.train_ppo run of warm-up + repeats updates, each
-    update's parts read off the stopwatches. Returns the median update's {"total",
-    "generate", "rollout", "optimise"} seconds, the (untrained) models, and the PPOConfig.
-    Steady state, because a run is many updates: the first one also builds the critic and
-    Adam's state and runs the update-0 sanity check, which no later update pays for."""
-    T = s["prompt"] + s["response"]
-    policy, enc = make_gpt(s, T, device)
-    ref = freeze(policy)
-    rm = reward.ScalarModel(make_gpt(s, T, device)[0], head_std=0.02).to(device).eval()  # critic: a copy
-    prompts = fixed_length_prompts(enc, s["rollouts"], s["prompt"])
-    warmup, repeats = run["reps"]
-    cfg = ppo.PPOConfig(updates=warmup + repeats, rollouts=s["rollouts"], max_new_tokens=s["response"],
-                        eval_every=10 ** 9, minibatch_size=s["minibatch"])
-    pol, sec, updates, marks = copy.deepcopy(policy), {}, [], []  # marks: clock + stopwatch totals
+def sampler(s, new, device, dtype):
+    """A function that samples s["rollouts"] answers of `new` tokens with the KV cache, in fp32
+    (dtype "fp32") or under bf16 autocast (model.autocast(device, "bf16"): sampling=False)."""
+    model, enc = make_gpt(s, s["prompt"] + new, device)
+    model.eval()
+    prompt = prompt_batch(enc, s["rollouts"], s["prompt"], device)
 
-    def log(rec):  # called at the end of each update: its parts are the stopwatch increments
-        sync(device)
-        marks.append(dict(sec, total=time.perf_counter()))
-        updates.append({k: v - marks[-2].get(k, 0.0) for k, v in marks[-1].items()})
-    with stopwatch(pol, "generate", sec, device), stopwatch(ppo, "rollout", sec, device), \
-            stopwatch(ppo, "optimise", sec, device):
-        marks.append({"total": time.perf_counter()})
-        ppo.train_ppo(pol, ref, rm, enc, prompts, cfg, device, dtype, log=log)
-    updates = updates[warmup:]
-    sec = sorted(updates, key=lambda x: x["total"])[len(updates) // 2]  # the median update, all its parts
-    return sec, {"policy": policy, "reference": ref, "critic": rm, "reward model": rm}, cfg
+    def sample():
+        with autocast(device, dtype):
+            model.generate(prompt, new, tok.eos_id(enc), tok.pad_id(enc))
+    return sample
+
+
+def bench_sampling(device, run):
+    """generate() in fp32 and under bf16 autocast, taking turns, 3x the usual repeats: what
+    model.autocast's rule (sampling on a CPU stays fp32) rests on; on a GPU it samples in bf16."""
+    rule = "fp32" if isinstance(autocast(device, "bf16", sampling=True), nullcontext) else "bf16"
+    for setting, new in ((run["preset"], 64), (ISSUE, ISSUE["response"])):
+        variants = {d: sampler(setting, new, device, d) for d in ("fp32", "bf16")}
+        sec = take_turns(variants, device, run["reps"][0], 3 * run["reps"][1])
+        n = setting["rollouts"] * new
+        yield (f"generate {setting['name']}, {setting['rollouts']} x ({setting['prompt']} + {new}): "
+               f"fp32 | bf16 autocast (rule on {device}: {rule})", "new tokens/s",
+               {d: n / statistics.median(sec[d]) for d in sec} |
+               {"ratio": statistics.median(f / b for f, b in zip(sec["fp32"], sec["bf16"]))})
 
 
 def ppo_rows(s):
     def bench(device, dtype, run):
-        sec, models, cfg = time_ppo_update(s, device, dtype, run)
-        T, policy = s["prompt"] + s["response"], models["policy"]
-        lm, sc = forward_flops_per_token(policy.cfg), forward_flops_per_token(policy.cfg, lm_head=False)
+        # The parts: the public pieces of an update, called here on a second setup, one round of
+        # them after each update of the train_ppo run (each round: a rollout, its rewards, its
+        # optimisation, and a generation alone), so that both see the same state of the machine.
+        m = ppo_setup(s, device)
+        policy, critic, cfg, enc = m["policy"], m["critic"], m["cfg"], m["enc"]
+        policy.eval(), critic.eval()  # as train_ppo: dropout off
+        optimizer, pad = ppo_optimizer(m, device), tok.pad_id(enc)
+        prompt = prompt_batch(enc, s["rollouts"], s["prompt"], device)
+        rounds = {"rollout": [], "generation": [], "rewards": [], "optimisation": []}
+
+        def generate():  # as ppo.rollout calls it
+            with torch.no_grad(), autocast(device, dtype, sampling=True):
+                policy.generate(prompt, s["response"], tok.eos_id(enc), pad, cfg.temperature)
+
+        def parts():
+            t, ro = timed(functools.partial(ppo.rollout, policy, m["ref"], critic, m["score_fn"], enc,
+                                            m["prompts"], cfg, device, dtype), device)
+            rounds["rollout"].append(t)
+            t, batch = timed(functools.partial(ppo_batch, m, ro), device)
+            rounds["rewards"].append(t)
+            t, _ = timed(functools.partial(ppo.optimise, policy, critic, batch, optimizer, cfg, pad, device,
+                                           dtype), device)
+            rounds["optimisation"].append(t)
+            rounds["generation"].append(timed(generate, device)[0])
+        warmup, repeats = run["reps"]
+        updates = time_ppo_updates(s, device, dtype, warmup, repeats, between=parts)
+        rounds = {k: v[warmup:] for k, v in rounds.items()}
+        update, sec = statistics.median(updates), {k: statistics.median(v) for k, v in rounds.items()}
+        r = rounds  # differences taken round by round, then their median: drift cancels
+        scoring = statistics.median(ro - g for ro, g in zip(r["rollout"], r["generation"]))
+        other = statistics.median(u - ro - rw - o for u, ro, rw, o in zip(updates, r["rollout"], r["rewards"],
+                                                                              r["optimisation"]))
+        T, pcfg = s["prompt"] + s["response"], policy.cfg
+        lm, sc = forward_flops_per_token(pcfg), forward_flops_per_token(pcfg, lm_head=False)
         n = s["rollouts"] * T  # each token once through: generation, 4 scoring forwards, epochs x fwd+bwd
         flops = n * lm + n * (2 * lm + 2 * sc) + cfg.ppo_epochs * n * 3 * (lm + sc)
         yield (f"PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.ppo_epochs} epochs "
-               f"x {s['rollouts'] // s['minibatch']} minibatches", "rollouts/s", s["rollouts"] / sec["total"])
-        yield "  s per update", "s", sec["total"]
-        yield "  generation", "s", sec["generate"]
-        yield "  scoring (4 forwards, decode, checks)", "s", sec["rollout"] - sec["generate"]
-        yield "  optimisation", "s", sec["optimise"]
-        yield "  other (rewards, GAE, stats)", "s", sec["total"] - sec["rollout"] - sec["optimise"]
-        yield "  generation share", "%", 100 * sec["generate"] / sec["total"]
-        yield "  update MFU (forward = 2N + 4LCT per token)", "%", 100 * flops / sec["total"] / run["peak"][dtype]
-        for name, m in models.items():
-            yield f"  parameters: {name}", "M", sum(p.numel() for p in m.parameters()) / 1e6
+               f"x {s['rollouts'] // s['minibatch']} minibatches", "rollouts/s", s["rollouts"] / update)
+        yield "  s per update (ppo.train_ppo)", "s", update
+        yield "  ppo.rollout", "s", sec["rollout"]
+        yield "    of which generation (policy.generate alone)", "s", sec["generation"]
+        yield "    of which scoring (4 forwards, decoding)", "s", scoring
+        yield "  rewards + GAE + whiten", "s", sec["rewards"]
+        yield "  ppo.optimise", "s", sec["optimisation"]
+        yield "  other (update - the parts: stats, gold reward)", "s", other
+        yield "  generation share of the update", "%", 100 * sec["generation"] / update
+        yield "  update MFU (forward = 2N + 4LCT per token)", "%", 100 * flops / update / run["peak"][dtype]
+        for name in ("policy", "ref", "critic", "rm"):
+            yield f"  parameters: {name}", "M", sum(p.numel() for p in m[name].parameters()) / 1e6
     return bench
 
 
 def dpo_rows(s):
     def bench(device, dtype, run):
         T = s["prompt"] + s["response"]
-        policy, enc = make_gpt(s, T, device)
+        policy, _ = make_gpt(s, T, device)
         ref = freeze(policy)
         policy.train()
-        opt = sft.adamw(policy.parameters(), device, 1e-4)
+        cfg = dpo.DPOConfig()
+        opt = adamw(policy.parameters(), device, cfg.lr)
         tokens = torch.randint(policy.n_out, (s["pairs"], 2, T), device=device)
         mask = torch.zeros(s["pairs"], 2, T - 1, device=device)
         mask[..., s["prompt"] - 1:] = 1.0  # the targets that are response tokens
         t, m = dpo.flatten_pairs(tokens, mask)  # chosen and rejected rows in one batch
+        B, n_tok = s["pairs"], m.sum(1)
+        precomputed = dpo.pair_logps(ref, tokens, mask, device, dtype).to(device)  # (B, 2)
 
-        def step():  # dpo.train_dpo's step, with the frozen reference's forward in it
-            with torch.inference_mode(), sft.autocast_context(device, dtype):
-                ref_logps = dpo.sequence_logps(ref, t, m)
-            with sft.autocast_context(device, dtype):
-                logps = dpo.sequence_logps(policy, t, m)
-            b = s["pairs"]
-            losses, _, _ = dpo.dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=0.1)
-            opt.zero_grad(set_to_none=True)
-            losses.mean().backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-        sec = median_seconds(step, device, *run["reps"])
-        flops = t.numel() * 4 * forward_flops_per_token(policy.cfg)  # reference forward + policy fwd + bwd
-        yield (f"DPO {s['name']}, {s['pairs']} pairs of {s['prompt']}+{s['response']}, ref every step",
-               "pairs/s", s["pairs"] / sec)
-        yield "  DPO MFU", "%", 100 * flops / sec / run["peak"][dtype]
+        def step(ref_every_step):  # dpo.train_dpo's step
+            def fn():
+                if ref_every_step:
+                    with torch.inference_mode(), autocast(device, dtype):
+                        ref_logps = dpo.sequence_logps(ref, t, m)
+                    ref_c, ref_r = ref_logps[:B], ref_logps[B:]
+                else:
+                    ref_c, ref_r = precomputed[:, 0], precomputed[:, 1]
+                with autocast(device, dtype):
+                    logps = dpo.sequence_logps(policy, t, m)
+                losses, _, _ = dpo.dpo_loss(logps[:B], logps[B:], ref_c, ref_r, cfg.beta, cfg.loss_type,
+                                            cfg.label_smoothing)
+                loss = losses.mean() + cfg.sft_coef * (-logps[:B].sum() / n_tok[:B].sum())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                opt.step()
+            return fn
+        sec = {k: statistics.median(v) for k, v in take_turns(
+            {"pre": step(False), "every": step(True)}, device, *run["reps"]).items()}
+        fwd = t.numel() * forward_flops_per_token(policy.cfg)
+        yield (f"DPO {s['name']}, {s['pairs']} pairs of {s['prompt']}+{s['response']}, reference precomputed",
+               "pairs/s", s["pairs"] / sec["pre"])
+        yield "  DPO MFU (policy fwd + bwd)", "%", 100 * 3 * fwd / sec["pre"] / run["peak"][dtype]
+        yield "  the same, reference forward every step", "pairs/s", s["pairs"] / sec["every"]
+        yield "  DPO MFU (reference fwd + policy fwd + bwd)", "%", \
+            100 * 4 * fwd / sec["every"] / run["peak"][dtype]
     return bench
 
 
-def minibatch_step(device, dtype, left_padded=False, compile=False):
-    """Forward + backward of ppo.forward_logp on a PPO minibatch (16 x 40) of the 4 x 128
-    model: what ppo.optimise repeats. left_padded: half the rows start with 3 PAD, so the
-    attention gets an explicit mask instead of is_causal."""
-    model, enc = make_gpt(ISSUE, ISSUE["prompt"] + ISSUE["response"], device)
-    tokens = torch.randint(model.n_out, (16, model.cfg.block_size), device=device)
-    if left_padded:
-        tokens[::2, :3] = tok.pad_id(enc)
-    model = torch.compile(model) if compile else model
-
-    def step():
-        with sft.autocast_context(device, dtype):
-            logp, _ = ppo.forward_logp(model, tokens, tok.pad_id(enc), 1.0)
-        model.zero_grad(set_to_none=True)
-        logp.sum().backward()
-    return step
-
-
-@contextmanager
-def patched(owner, name, value):
-    """Temporarily replace owner.<name>: how bench.py times the road not taken."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-def fused_sdpa(q, k, v, mask=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-
-
 def bench_attention(device, dtype, run):
-    """model.attention's two routes on a PPO minibatch, forward + backward."""
+    """GPTConfig(fused_attention=False / True) on a PPO minibatch, forward + backward, in turns."""
     for left_padded, kind in ((False, "causal"), (True, "pad mask")):
-        step = minibatch_step(device, dtype, left_padded)
-        yield f"fwd+bwd 4x128, 16x40 ({kind}), model.attention", "ms", 1000 * median_seconds(step, device, *run["reps"])
-        with patched(model_py, "attention", fused_sdpa):
-            yield f"fwd+bwd 4x128, 16x40 ({kind}), fused SDPA", "ms", 1000 * median_seconds(step, device, *run["reps"])
+        steps = {fused: minibatch_step(device, dtype, left_padded, fused) for fused in (False, True)}
+        sec = take_turns(steps, device, *run["reps"])
+        for fused, what in ((False, "written out"), (True, "fused SDPA")):
+            yield (f"fwd+bwd 4x128, 16x40 ({kind}), fused_attention={fused} ({what})", "ms",
+                   1000 * statistics.median(sec[fused]))
+
+
+def bench_adam(device, dtype, run):
+    """An optimiser step over policy + critic (gradients in place), then whole ppo.optimise calls
+    on one rollout batch, with model.adamw and with torch.optim.AdamW's for-loop, in turns."""
+    m = ppo_setup(ISSUE, device)
+    params = list(m["policy"].parameters()) + list(m["critic"].parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    kinds = {"shipped": "model.adamw (fused)", "loop": "AdamW(fused=False, foreach=False)",
+             "foreach": "AdamW(foreach=True)"}
+    opts = {k: ppo_optimizer(m, device, k) for k in kinds}
+    sec = take_turns({k: opt.step for k, opt in opts.items()}, device, run["reps"][0], 5 * run["reps"][1])
+    n = sum(p.numel() for p in params) / 1e6
+    for k, what in kinds.items():
+        yield f"optimiser step, policy + critic ({n:.2f}M), {what}", "ms", 1000 * statistics.median(sec[k])
+    # ppo.optimise takes the optimiser as an argument: one rollout, each variant its own models
+    variants = {}
+    for k in ("shipped", "loop"):
+        mk = ppo_setup(ISSUE, device)
+        mk["policy"].eval(), mk["critic"].eval()
+        with torch.no_grad():
+            ro = ppo.rollout(mk["policy"], mk["ref"], mk["critic"], mk["score_fn"], mk["enc"], mk["prompts"],
+                             mk["cfg"], device, dtype)
+        variants[k] = functools.partial(ppo.optimise, mk["policy"], mk["critic"], ppo_batch(mk, ro),
+                                        ppo_optimizer(mk, device, k), mk["cfg"], tok.pad_id(mk["enc"]),
+                                        device, dtype)
+    sec = take_turns(variants, device, *run["reps"])
+    for k in variants:
+        yield f"ppo.optimise 4x128, 64 rollouts, 4 x 4 minibatches, {kinds[k]}", "s", \
+            statistics.median(sec[k])
 
 
 def bench_ablation(device, dtype, run):
-    """One PPO update at the issue's settings with one optimisation undone at a time. The
-    variants take turns, one update each per round, so a shared machine's drifts hit all alike."""
-    loop_adam = lambda params, device, lr, weight_decay=0.0, **kw: torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, **kw)  # sft.adamw's optimiser, not fused
-    variants = [("PPO update 4x128 (issue settings), as shipped", None),
-                ("  undone: attention: fused SDPA, not written out", (model_py, "attention", fused_sdpa)),
-                ("  undone: Adam: PyTorch's loop, not fused", (ppo, "adamw", loop_adam))]
-    seconds, one = {name: [] for name, _ in variants}, dict(run, reps=(1, 1))  # a warm-up update, a timed one
+    """Whole ppo.train_ppo updates at the issue's settings, as shipped and with the attention route
+    flipped (GPTConfig.fused_attention). The variants take turns, one run of a warm-up update and
+    a timed one each per round. (Adam's variant is in section adam: train_ppo builds its own.)"""
+    default_fused = torch.device(device).type != "cpu"  # fused_attention=None picks this
+    variants = {"PPO update 4x128 (issue settings), as shipped": None,
+                f"  fused_attention={not default_fused} instead": not default_fused}
+    seconds = {name: [] for name in variants}
     for round_ in range(sum(run["reps"])):
-        for name, patch in variants:
-            with patched(*patch) if patch else contextlib.nullcontext():
-                t = time_ppo_update(ISSUE, device, dtype, one)[0]["total"]
+        for name, fused in variants.items():
+            t = time_ppo_updates(ISSUE, device, dtype, 1, 1, fused)[0]
             if round_ >= run["reps"][0]:
                 seconds[name].append(t)
-    for name, _ in variants:
+    for name in variants:
         yield name, "s", statistics.median(seconds[name])
 
 
 def bench_compile(device, dtype, run):
-    yield "fwd+bwd 4x128, 16x40, eager", "ms", 1000 * median_seconds(minibatch_step(device, dtype), device, *run["reps"])
+    eager = median_seconds(minibatch_step(device, dtype), device, *run["reps"])
+    yield "fwd+bwd 4x128, 16x40 (pad mask), eager", "ms", 1000 * eager
     try:
         step = minibatch_step(device, dtype, compile=True)
         first = median_seconds(step, device, 0, 1)  # the first call compiles
@@ -385,20 +537,23 @@ def bench_compile(device, dtype, run):
     except Exception as e:  # no C++ compiler, an unsupported device, ...
         print(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
         first = ms = None
-    yield "fwd+bwd 4x128, 16x40, torch.compile", "ms", ms
+    yield "fwd+bwd 4x128, 16x40 (pad mask), torch.compile", "ms", ms
     yield "  torch.compile: first call (compiling)", "s", first
 
 
 # ----------------------------------------------------------------------------- the table
 
-def print_table(rows, dtypes, header):
+def print_table(rows, header):
     fmt = lambda v: "n/a" if v is None else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    dtypes = [d for d in ("fp32", "bf16") if any(d in r for r in rows)]
     both = len(dtypes) == 2
     lines = [["section", "measurement", "unit", *dtypes] + (["bf16/fp32"] if both else [])]
     for r in rows:
         a, b = r.get("fp32"), r.get("bf16")
-        ratio = f"{b / a:.2f}" if both and a and b is not None and r["unit"] not in ("M", "%", "x") else ""
-        lines.append([r["section"], r["name"], r["unit"], *(fmt(r.get(d)) for d in dtypes)] + ([ratio] if both else []))
+        ratio = r.get("ratio") or (b / a if both and a and b is not None and r["unit"] not in ("M", "%", "x")
+                                   else None)
+        lines.append([r["section"], r["name"], r["unit"], *(fmt(r[d]) if d in r else "-" for d in dtypes)]
+                     + ([f"{ratio:.2f}" if ratio else ""] if both else []))
     widths = [max(len(x) for x in col) for col in zip(*lines)]
     print(header)
     for i, line in enumerate(lines):
@@ -409,60 +564,76 @@ def print_table(rows, dtypes, header):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="leash speed and memory benchmarks (one table)")
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 repeats (else 2 + 7), no torch.compile")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 warm-up + 3 repeats (else 2 + 7), no torch.compile")
     ap.add_argument("--json", action="store_true", help="print {meta, rows} as JSON instead of the table")
     ap.add_argument("--preset", default="auto", help="tiny | cpu | gpu | auto (gpu on cuda, else cpu)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"], help="bf16 means bf16 autocast")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"],
+                    help="bf16 means bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,ppo,dpo,attention,ablation,compile")
+    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,sampling,ppo,dpo,"
+                                                 "attention,adam,ablation,compile")
     args = ap.parse_args(argv)
-    device = train.pick_device(args.device)
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = next(d for d in has if has[d]) if args.device == "auto" else args.device  # as train.py
+    if not has[device]:
+        ap.error(f"--device {device}: no {device.upper()} device is available")
     preset = args.preset if args.preset != "auto" else ("gpu" if device == "cuda" else "cpu")
     if preset not in train.PRESETS:
-        train.fail(f"--preset {args.preset}: unknown (choose {', '.join(train.PRESETS)} or auto)")
+        ap.error(f"--preset {args.preset}: unknown (choose {', '.join(train.PRESETS)} or auto)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device == "cuda":  # as train.py: fp32 matmuls in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     reps = (1, 3) if args.quick else (2, 7)
     p = preset_setting(preset)
-    sections = [("matmul", "matmul", bench_matmul), ("pretrain", "pretrain", bench_pretrain),
-                ("generate", "generate", bench_generate), ("ppo", "ppo issue", ppo_rows(ISSUE)),
-                ("ppo", "ppo issue mb64", ppo_rows(dict(ISSUE, minibatch=64))),
-                ("ppo", "ppo preset", ppo_rows(p)), ("dpo", "dpo issue", dpo_rows(ISSUE)),
-                ("dpo", "dpo preset", dpo_rows(p)), ("attention", "attention", bench_attention),
-                ("ablation", "ablation", bench_ablation),
-                ("compile", "compile", bench_compile)]
-    known = {key for key, _, _ in sections}
+    # (key for --only, section, bench, per dtype)
+    sections = [("matmul", "matmul", bench_matmul, True), ("pretrain", "pretrain", bench_pretrain, True),
+                ("generate", "generate", bench_generate, True),
+                ("sampling", "sampling", bench_sampling, False),
+                ("ppo", "ppo issue", ppo_rows(ISSUE), True),
+                ("ppo", "ppo issue mb64", ppo_rows(dict(ISSUE, minibatch=64)), True),
+                ("ppo", "ppo preset", ppo_rows(p), True), ("dpo", "dpo issue", dpo_rows(ISSUE), True),
+                ("dpo", "dpo preset", dpo_rows(p), True), ("attention", "attention", bench_attention, True),
+                ("adam", "adam", bench_adam, True), ("ablation", "ablation", bench_ablation, True),
+                ("compile", "compile", bench_compile, True)]
+    known = {key for key, *_ in sections}
     wanted = set(args.only.split(",")) if args.only else known - ({"compile"} if args.quick else set())
     if wanted - known:
-        train.fail(f"--only {args.only}: unknown section(s) {', '.join(sorted(wanted - known))}")
+        ap.error(f"--only {args.only}: unknown section(s) {', '.join(sorted(wanted - known))}")
     torch.manual_seed(0)
     t_start, load_start = time.time(), os.getloadavg()[0]
     run = {"reps": reps, "preset": p,
-           # a peak is the best rate seen, not a typical one: the best of three medians
-           "peak": {d: max(matmul_flops(device, d, 1024, 1024, 1024, 2, max(reps[1], 9)) for _ in range(3))
-                    for d in dtypes}}
+           "peak": {d: report.matmul_peak_flops(device, d, repeats=30) for d in dtypes}}
     rows = {}
-    for key, section, bench in sections:
-        for dtype in dtypes if key in wanted else []:
+    for key, section, bench, per_dtype in sections:
+        if key not in wanted:
+            continue
+        for dtype in dtypes if per_dtype else [None]:
             t0 = time.time()
             reset_peak_memory(device)
-            for name, unit, value in bench(device, dtype, run):
-                rows.setdefault((section, name), {"section": section, "name": name, "unit": unit})[dtype] = value
-            rows.setdefault((section, "peak memory"), {"section": section, "name": "  peak memory",
-                                                       "unit": "MB"})[dtype] = peak_memory_mb(device)
-            print(f"bench: {section}, {dtype}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
-    meta = {"device": device, "preset": preset, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            for name, unit, value in bench(device, dtype, run) if per_dtype else bench(device, run):
+                row = rows.setdefault((section, name), {"section": section, "name": name, "unit": unit})
+                row.update(value if isinstance(value, dict) else {dtype: value})
+            if per_dtype:
+                rows.setdefault((section, "peak memory"), {"section": section, "name": "  peak memory",
+                                                           "unit": "MB"})[dtype] = peak_memory_mb(device)
+            print(f"bench: {section}, {dtype or 'fp32 and bf16'}: {time.time() - t0:.1f} s", file=sys.stderr,
+                  flush=True)
+    meta = {"device": device, "preset": preset, "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "warmup": reps[0], "repeats": reps[1],
             "seconds": time.time() - t_start, "load_average": [load_start, os.getloadavg()[0]],
             "memory": "CUDA max allocated" if device == "cuda" else "process peak RSS, per section"}
     if args.json:
         print(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=1))
         return
-    print_table(list(rows.values()), dtypes,
+    print_table(list(rows.values()),
                 f"leash bench: {device} ({meta['cpu_capability']}), {meta['threads']} threads, torch "
-                f"{meta['torch']}, preset {preset}; median of {reps[1]} after {reps[0]} warm-up; bf16 = autocast; "
+                f"{meta['torch']}, preset {preset}; median of {reps[1]} after {reps[0]} warm-up; "
+                f"bf16 = autocast; "
                 f"memory = {meta['memory']}; load average {load_start:.1f} -> {meta['load_average'][1]:.1f}; "
                 f"{meta['seconds']:.0f} s")
 

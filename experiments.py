@@ -6,53 +6,75 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
     python experiments.py frontier   --out out   # gold reward against KL: PPO targets, DPO betas
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
+    python experiments.py kl         --out out   # the KL estimators k1, k2, k3 against the exact KL
+    python experiments.py reward     --out out   # what the reward model gets wrong
 
-Each one loads OUT/sft.pt, OUT/reward_model.pt and OUT/preferences.json (made by
-`python train.py --out OUT`), trains fresh PPO (frontier and precision: also DPO) policies
-from the SFT model, and writes OUT/plots/<name>.png, OUT/<name>.json and a markdown table
-on stdout. Policies are judged the same way as in train.py: evaluate.evaluate_policy on
-the fixed held-out prompts. Runs are cached in OUT/ppo_runs/ and OUT/dpo_runs/ together
-with the run config of the SFT model and reward model they started from.
+Each one reads a finished run of `python train.py --out OUT`: OUT/sft.pt, OUT/tokenizer.json,
+OUT/reward_model.pt and the run's config and preference pairs (OUT/stages/reward_model.json),
+from which it rebuilds the run's world. The RL experiments train fresh PPO (frontier and
+precision: also DPO) policies from the SFT model with the run's preset and dtype, judged as
+train.py judges them (evaluate.evaluate_policy on the fixed held-out prompts). Runs are cached
+in OUT/ppo_runs/ and OUT/dpo_runs/ with the config of the run they started from. Every command
+writes OUT/plots/<name>.png, OUT/<name>.json and a markdown table on stdout (kl draws
+plots/kl_estimators.png, reward plots/reward_model.png).
 """
 import argparse
+import itertools
 import json
 import os
+import re
+import sys
 import time
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 
 import dpo
 import reward
 import tokenizer as tok
+import train  # a tool may read the pipeline's presets
 import world
 from evaluate import evaluate_policy
+from kl import sequence_kl, token_kl
+from model import load_checkpoint, pick_device
 from ppo import PPOConfig, train_ppo
-from reference import freeze
-from sft import load_checkpoint
+from reference import freeze, response_mask, token_logprobs, trainable
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def setup(out, device):
-    """Everything a PPO run needs, from the checkpoints in `out` and the run's own world."""
-    policy, enc = load_checkpoint(os.path.join(out, "sft.pt"), device)
-    rm = reward.load_scalar_model(os.path.join(out, "reward_model.pt"), device)
-    run = torch.load(os.path.join(out, "sft.pt"), map_location="cpu", weights_only=True)["meta"].get("run_config", {})
-    wcfg = world.WorldConfig(seed=run.get("seed", 1337), n_pretrain=run.get("n_pretrain", 20000),
-                             n_sft=run.get("n_sft", 8000), n_eval_prompts=run.get("n_eval_prompts", 256))
-    data = world.build_datasets(wcfg)
+    """Everything the experiments need, from the checkpoints in `out` and the run's own world."""
+    stage_file = os.path.join(out, "stages", "reward_model.json")
+    if not os.path.exists(stage_file):
+        sys.exit(f"error: no {stage_file}; run `python train.py --out {out}` first")
+    stage = read_json(stage_file)
+    source = stage["config"]  # the run's config: preset, seed, world sizes, dtype, reward, ...
+    if source.get("data"):
+        sys.exit(f"error: {out} was trained on --data {source['data']}; the experiments need the "
+                 "toy world's gold reward and validity")
+    sft = load_checkpoint(os.path.join(out, "sft.pt"), device)[0]
+    enc = tok.load_tokenizer(os.path.join(out, "tokenizer.json"))
+    rm = load_checkpoint(os.path.join(out, "reward_model.pt"), device)[0]
+    data = world.build_datasets(world.WorldConfig(source["seed"], source["n_pretrain"], source["n_sft"],
+                                                  n_eval_prompts=source["eval_prompts"]))
     longest = max(len(tok.encode(enc, p)) for p in data["eval_prompts"] + data["train_prompts"])
-    max_new = policy.cfg.block_size - longest
-    proxy = reward.proxy_reward_fn(rm, enc, device)
+    pad = tok.pad_id(enc)
+    return dict(sft=sft, ref=freeze(sft), enc=enc, rm=rm, data=data, device=device, out=out,
+                max_new=sft.cfg.block_size - longest, dtype=source["dtype"],  # train as the run did
+                score_fn=lambda tokens, prompt_len: reward.score(rm, tokens, pad),
+                pairs=stage["result"]["pairs"], source=source,
+                rm_result=stage["result"])
 
-    def evaluate(model):
-        return evaluate_policy(model, enc, data["eval_prompts"], max_new, device, ref=sft_ref, reward_fn=proxy)
 
-    sft_ref = freeze(policy)
-    with open(os.path.join(out, "preferences.json")) as f:
-        prefs = json.load(f)  # the reward model's pairs (DPO learns from them) and its run config
-    return dict(sft=policy, enc=enc, rm=rm, data=data, evaluate=evaluate, device=device, out=out,
-                dtype=run.get("dtype", "fp32"),  # train in the dtype the run used
-                pairs=prefs["pairs"], source=prefs["run_config"])
+def evaluate(env, model):
+    """(metrics, texts) of a policy on the held-out prompts, in env's dtype, as train.py does."""
+    return evaluate_policy(model, env["enc"], env["data"]["eval_prompts"], env["max_new"], env["device"],
+                           env["dtype"], env["ref"], env["score_fn"])
 
 
 def run_file(out, kind, label, cfg, dtype):
@@ -65,72 +87,93 @@ def cached_run(path, cfg, env):
     """The cached result at path if it was made with this config from this very SFT model
     and reward model (a re-run of train.py into the same folder may have replaced them)."""
     if path and os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached["config"] == asdict(cfg) and cached.get("source") == env["source"]:
+        cached = read_json(path)
+        if cached["config"] == json.loads(json.dumps(asdict(cfg))) and cached.get("source") == env["source"]:
             print(f"{cached['label']}: reusing {path}")
             return cached
     return None
 
 
-def progress(label):
-    """A log function printing one short line per PPO update."""
+def write_run(path, result):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def progress(label, updates):
+    """A log function printing one short line per PPO update, with its time and the run's ETA."""
     def log(r):
-        line = (f"{label:>10} {r['step']:>3} | proxy {r['proxy_reward']:+.3f} gold {r['gold_reward']:+.3f} "
-                f"valid {r['valid_rate']:.2f} kl {r['kl_exact']:6.2f} beta {r['beta']:.4f} "
-                f"d2 {r['distinct_2']:.2f} {r['seconds']:.1f}s eta {r['eta_s']:.0f}s")
+        line = (f"{label:>10} {r['step'] + 1:>3}/{updates} | proxy {r['proxy_reward']:+.3f} "
+                f"gold {r['gold_reward']:+.3f} valid {r['valid_rate']:.2f} kl {r['kl_exact']:6.2f} "
+                f"beta {r['beta']:.4f} d2 {r['distinct_2']:.2f} | {r['seconds']:.1f} s/update "
+                f"eta {r['eta_s']:.0f}s")
         if "eval_gold_reward" in r:
-            line += f" || eval gold {r['eval_gold_reward']:+.3f} valid {r['eval_valid_rate']:.2f} kl {r['eval_kl']:.2f}"
+            line += (f" || eval gold {r['eval_gold_reward']:+.3f} valid {r['eval_valid_rate']:.2f} "
+                     f"kl {r['eval_kl']:.2f}")
         print(line, flush=True)
     return log
 
 
 def run_ppo(env, label, cfg, out=None):
-    """Train a fresh copy of the SFT policy; returns history, final eval metrics, samples.
-    With `out`, the result is kept in OUT/ppo_runs/<label>_seed<seed>_<dtype>.json and reused
-    by any later experiment that asks for the same run (hacking and overopt share beta=0)."""
+    """Train a fresh copy of the SFT policy (critic: a copy of the reward model); returns
+    {label, config, source, seconds, history, final (eval metrics), samples}. With `out`, the
+    result is kept in OUT/ppo_runs/<label>_seed<seed>_<dtype>.json and reused by any later
+    experiment that asks for the same run (hacking and overopt share beta=0)."""
     path = out and run_file(out, "ppo_runs", label, cfg, env["dtype"])
     cached = cached_run(path, cfg, env)
     if cached:
         return cached
-    policy = freeze(env["sft"])  # a detached copy...
-    for p in policy.parameters():
-        p.requires_grad_(True)  # ...made trainable again
-    ref = freeze(policy)
     t0 = time.time()
-    eval_fn = lambda m: env["evaluate"](m)[0]
-    policy, history = train_ppo(policy, ref, env["rm"], env["enc"], env["data"]["train_prompts"], cfg,
-                                env["device"], env["dtype"], log=progress(label), eval_fn=eval_fn)
-    metrics, samples = env["evaluate"](policy)
+    policy, history = train_ppo(trainable(env["sft"]), env["ref"], env["score_fn"], trainable(env["rm"]),
+                                env["enc"], env["data"]["train_prompts"], cfg, env["device"], env["dtype"],
+                                log=progress(label, cfg.updates), eval_fn=lambda m: evaluate(env, m)[0])
+    metrics, samples = evaluate(env, policy)
     result = dict(label=label, config=asdict(cfg), source=env["source"], seconds=time.time() - t0,
                   history=history, final=metrics, samples=samples)
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f)
+        write_run(path, result)
     return result
 
 
 def sft_baseline(env):
-    metrics, samples = env["evaluate"](env["sft"])
+    metrics, samples = evaluate(env, env["sft"])
     return dict(label="SFT", final=metrics, samples=samples)
+
+
+def num(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
 
 
 def table(runs, keys=("proxy_reward", "gold_reward", "valid_rate", "distinct_2", "kl", "eos_rate")):
     """Markdown table of each run's final evaluation."""
     lines = ["| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in runs:
-        lines.append(f"| {r['label']} | " + " | ".join(f"{r['final'].get(k, float('nan')):.3f}" for k in keys) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(num(r["final"].get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
-def save(out, name, result, fig):
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def kl_scale(set_scale, values):
+    """A symlog axis when the KLs span decades (beta = 0 reaches 10+ nats), else a linear one."""
+    set_scale("symlog" if max(values, default=0.0) > 10 else "linear")
+
+
+def save(out, name, result, fig, plot=None):
+    """OUT/plots/<plot or name>.png and OUT/<name>.json."""
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    png = os.path.join(out, "plots", f"{plot or name}.png")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", f"{name}.png"), dpi=120)
+    fig.savefig(png, dpi=120)
+    pyplot().close(fig)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {out}/plots/{name}.png and {out}/{name}.json")
+    print(f"wrote {png} and {out}/{name}.json")
 
 
 def smooth(xs, k=5):
@@ -142,12 +185,12 @@ def smooth(xs, k=5):
 
 def no_penalty(cfg, beta=0.0):
     """A fixed (by default zero) KL coefficient, evaluated often enough to trace a curve."""
-    return replace(cfg, kl_controller="fixed", init_beta=beta, eval_every=max(1, cfg.updates // 12))
+    return replace(cfg, kl_controller="fixed", beta=beta, eval_every=max(1, cfg.updates // 12))
 
 
 def hacking(env, cfg, out):
     """beta = 0 (no KL penalty) against the adaptive controller: same seed, same budget."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     runs = [sft_baseline(env),
             run_ppo(env, "beta=0", no_penalty(cfg), out),
             run_ppo(env, "adaptive", cfg, out)]
@@ -155,9 +198,11 @@ def hacking(env, cfg, out):
     for key, ax in zip(("proxy_reward", "gold_reward", "valid_rate", "kl_exact"), axes.flat):
         for r in runs[1:]:
             ax.plot(smooth([h[key] for h in r["history"]]), label=r["label"])
-        ax.axhline(runs[0]["final"].get(key.replace("_exact", ""), float("nan")), color="gray", ls=":", label="SFT")
+        sft_value = runs[0]["final"].get(key.replace("_exact", ""), float("nan"))
+        ax.axhline(sft_value, color="gray", ls=":", label="SFT")
         ax.set(xlabel="PPO update", title=key + " (training batches, 5-update mean)")
-    axes[1, 1].set(yscale="symlog", ylim=(0, None))
+    kl_scale(axes[1, 1].set_yscale, [h["kl_exact"] for r in runs[1:] for h in r["history"]])
+    axes[1, 1].set_ylim(0, None)
     axes[0, 0].legend()
     print("\n" + table(runs) + "\n")
     for i in range(6):
@@ -170,14 +215,14 @@ def hacking(env, cfg, out):
 
 # ----------------------------------------------------------------------------- 2. the controller
 
-def controller(env, cfg, out, targets=None):
+def controller(env, cfg, out, targets):
     """The adaptive controller (Ziegler et al. 2019) at one or more KL targets: the mean
     exact per-sequence KL over the last quarter of the updates should be within 25%."""
-    import matplotlib.pyplot as plt
-    targets = targets or [cfg.kl_target]
+    plt = pyplot()
     runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
     fig, (ax_kl, ax_beta) = plt.subplots(1, 2, figsize=(10, 4))
-    print("\n| KL target (nats/seq) | mean KL, last quarter | ratio | final beta | eval gold | eval valid |\n|---|---|---|---|---|---|")
+    print("\n| KL target (nats/seq) | mean KL, last quarter | ratio | final beta | eval gold | eval valid |\n"
+          "|---|---|---|---|---|---|")
     for r, t in zip(runs, targets):
         kls = [h["kl_exact"] for h in r["history"]]
         tail = kls[-max(1, len(kls) // 4):]
@@ -186,9 +231,11 @@ def controller(env, cfg, out, targets=None):
         line, = ax_kl.plot(kls, label=f"target {t:g}")
         ax_kl.axhline(t, color=line.get_color(), ls=":")
         ax_beta.plot([h["beta"] for h in r["history"]], color=line.get_color(), label=f"target {t:g}")
-        print(f"| {t:g} | {r['kl_last_quarter']:.2f} | {r['kl_last_quarter'] / t:.2f} | {r['history'][-1]['beta']:.4f} "
-              f"| {r['final']['gold_reward']:.3f} | {r['final']['valid_rate']:.3f} |")
-    ax_kl.set(xlabel="PPO update", ylabel="KL(pi || pi_ref), nats per sequence", title="KL per batch (dotted: target)")
+        print(f"| {t:g} | {r['kl_last_quarter']:.2f} | {r['kl_last_quarter'] / t:.2f} | "
+              f"{r['history'][-1]['beta']:.4f} | {r['final']['gold_reward']:.3f} | "
+              f"{r['final']['valid_rate']:.3f} |")
+    ax_kl.set(xlabel="PPO update", ylabel="KL(pi || pi_ref), nats per sequence",
+              title="KL per batch (dotted: target)")
     ax_beta.set(xlabel="PPO update", ylabel="beta", yscale="log", title="KL coefficient")
     ax_kl.legend()
     save(out, "controller", runs, fig)
@@ -197,42 +244,84 @@ def controller(env, cfg, out, targets=None):
 
 # ----------------------------------------------------------------------------- 3. overoptimization
 
+def d_log_d(d):
+    """d log d elementwise, with 0 log 0 = 0 (its limit)."""
+    d = np.asarray(d, dtype=float)
+    return np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
+
+
+def fit_rl_form(d, gain):
+    """(alpha, beta) of Gao et al.'s (2022) RL form gain(d) = d (alpha - beta log d), d = sqrt(KL),
+    by least squares; the form is 0 at d = 0, so the fit passes through the SFT point."""
+    X = np.stack([np.asarray(d, dtype=float), -d_log_d(d)], 1)
+    alpha, beta = np.linalg.lstsq(X, np.asarray(gain, dtype=float), rcond=None)[0]
+    return float(alpha), float(beta)
+
+
 def overopt(env, cfg, out, beta=0.0):
-    """Gold and proxy reward against sqrt(KL) as a weakly penalised policy drifts (Gao et al.
-    2022, fig. 1 in miniature). Gao et al. fit gold(d) = d (alpha - b d), d = sqrt(KL), for RL;
-    the same fit is drawn here (through the SFT point)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """Gold and proxy reward against d = sqrt(KL) as a weakly penalised policy drifts (Gao et al.
+    2022, fig. 1 in miniature). Gao et al. fit the gold reward gain over the starting policy with
+        RL (this experiment):  gold(d) = d (alpha - beta log d), its peak at d = exp(alpha / beta - 1)
+        best-of-n:             gold(d) = d (alpha - beta d)   (not drawn: no best-of-n here)
+    The RL form is fitted by least squares through the SFT point (d = 0, gain 0) and drawn."""
+    plt = pyplot()
     base = sft_baseline(env)
     run = run_ppo(env, f"beta={beta:g}", no_penalty(cfg, beta), out)
-    points = [dict(kl=0.0, gold=base["final"]["gold_reward"], proxy=base["final"]["proxy_reward"])]
+    points = [dict(kl=0.0, gold=base["final"]["gold_reward"], proxy=base["final"]["proxy_reward"],
+                   valid=base["final"]["valid_rate"], step="SFT")]
     points += [dict(kl=h["eval_kl"], gold=h["eval_gold_reward"], proxy=h["eval_proxy_reward"],
                     valid=h["eval_valid_rate"], step=h["step"]) for h in run["history"] if "eval_kl" in h]
     d = np.sqrt(np.maximum([p["kl"] for p in points], 0.0))
     gold = np.array([p["gold"] for p in points]) - points[0]["gold"]
     proxy = np.array([p["proxy"] for p in points]) - points[0]["proxy"]
-    alpha, b = np.linalg.lstsq(np.stack([d, -d * d], 1), gold, rcond=None)[0]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    alpha, b = fit_rl_form(d, gold)
+    peak_fit = float(np.exp(min(alpha / b - 1, 700))) if b > 0 else float("inf")  # where the fit peaks
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(d, proxy, "o-", label="proxy (reward model)")
     ax.plot(d, gold, "s-", label="gold (world)")
-    grid = np.linspace(0, d.max(), 100)
-    ax.plot(grid, grid * (alpha - b * grid), "k:", label=f"fit d({alpha:.2f} {-b:+.3f} d)")
-    ax.set(xlabel="sqrt(KL(pi || pi_ref)), sqrt(nats per sequence)", ylabel="reward gain over SFT",
+    grid = np.linspace(0, 1.05 * (peak_fit if d.max() < peak_fit <= 2 * d.max() else d.max()), 200)
+    ax.plot(grid, grid * alpha - b * d_log_d(grid), "k:",
+            label=f"gold fit, Gao et al.'s RL form d(alpha - beta ln d): alpha {alpha:.3f}, beta {b:.3f}")
+    if peak_fit <= grid[-1]:
+        ax.axvline(peak_fit, color="k", ls=":", lw=0.8,
+                   label=f"the fit's peak, d = exp(alpha / beta - 1) = {peak_fit:.2f}")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(xlabel="d = sqrt(KL(pi || pi_ref)), sqrt(nats per sequence)", ylabel="reward gain over SFT",
            title=f"overoptimization, PPO with beta={beta:g}")
-    ax.legend()
+    ax.legend(fontsize=8)
     print("\n| step | KL | sqrt KL | proxy - SFT | gold - SFT | valid |\n|---|---|---|---|---|---|")
     for p, di, g, pr in zip(points, d, gold, proxy):
-        print(f"| {p.get('step', 'SFT')} | {p['kl']:.2f} | {di:.2f} | {pr:+.3f} | {g:+.3f} | {p.get('valid', base['final']['valid_rate']):.3f} |")
+        print(f"| {p['step']} | {p['kl']:.2f} | {di:.2f} | {pr:+.3f} | {g:+.3f} | {num(p['valid'])} |")
     peak = int(np.argmax(gold))
-    result = dict(points=points, fit=dict(alpha=alpha, b=b), gold_peak_sqrt_kl=float(d[peak]),
-                  run=run, sft=base)
-    print(f"gold peaks at sqrt(KL) = {d[peak]:.2f} (fit: {alpha / (2 * b) if b > 0 else float('inf'):.2f}); "
-          f"the proxy keeps rising: {proxy[-1]:+.3f} at the end")
+    result = dict(points=points, fit=dict(form="d (alpha - beta log d)", alpha=alpha, beta=b,
+                                          peak_sqrt_kl=peak_fit if b > 0 else None),
+                  gold_peak_sqrt_kl=float(d[peak]), run=run, sft=base)
+    turn = f"peaks at sqrt(KL) = {peak_fit:.2f}" if b > 0 else "has no peak (beta <= 0: it never turns down)"
+    print(f"gold fit, RL form d (alpha - beta log d): alpha {alpha:.3f}, beta {b:.3f}; the fit {turn}; "
+          f"the measured gold peaks at sqrt(KL) = {d[peak]:.2f}; the proxy ends at {proxy[-1]:+.3f}")
     save(out, "overopt", result, fig)
     return result
 
 
 # ----------------------------------------------------------------------------- 4. the frontier
+
+def dpo_sweep(policy_ckpt, enc, pairs, betas, cfg, device="cpu", dtype="fp32", log=print,
+              eval_fn=None, val_pairs=None):
+    """One DPO run per beta, each from a fresh copy of the same starting policy (a checkpoint
+    path or a model), which is also the reference. Returns one dict per beta: {"beta",
+    **eval_fn's last metrics, "implicit_accuracy", "seconds"}: points of the reward-KL frontier
+    (gold_reward against kl). eval_fn(policy) must measure KL against the starting policy
+    (evaluate.evaluate_policy with ref=that policy)."""
+    start = load_checkpoint(policy_ckpt, device)[0] if isinstance(policy_ckpt, str) else policy_ckpt
+    ref = freeze(start)
+    points = []
+    for beta in betas:
+        _, hist = dpo.train_dpo(trainable(start), ref, enc, pairs, replace(cfg, beta=beta), device, dtype,
+                                lambda rec: log({**rec, "beta": beta}), eval_fn, val_pairs)
+        points.append({"beta": beta, **hist["eval"], "implicit_accuracy": hist["implicit_accuracy"],
+                       "seconds": hist["seconds"]})
+    return points
+
 
 def run_dpo(env, label, cfg):
     """DPO from the SFT model on the reward model's training pairs (cfg.sources says which);
@@ -242,32 +331,32 @@ def run_dpo(env, label, cfg):
     if cached:
         return cached
     train_pairs, val_pairs = reward.split_pairs(env["pairs"], env["source"]["reward"]["val_fraction"])
-    log = lambda r: print(f"{label:>10} {r['step']:>3} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
-                          f"acc {r['accuracy']:.2f} eta {r['eta_s']:.0f}s", flush=True)
-    point = dpo.dpo_sweep(env["sft"], env["enc"], train_pairs, [cfg.beta], cfg, env["device"], env["dtype"], log,
-                          lambda m: env["evaluate"](m)[0], val_pairs)[0]
+    log = lambda r: print(f"{label:>14} {r['step'] + 1:>4} | loss {r['loss']:.3f} margin {r['margin']:+.2f} "
+                          f"acc {r['accuracy']:.2f} | {r['pairs_per_s']:.0f} pairs/s eta {r['eta_s']:.0f}s",
+                          flush=True)
+    point = dpo_sweep(env["sft"], env["enc"], train_pairs, [cfg.beta], cfg, env["device"], env["dtype"], log,
+                      lambda m: evaluate(env, m)[0], val_pairs)[0]
     result = dict(label=label, config=asdict(cfg), source=env["source"], final=point)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f)
+    write_run(path, result)
     return result
 
 
-# plain DPO (Rafailov et al. 2023) at its best budget here, and leash's default (DPO + NLL, RPO)
-PLAIN_DPO = dict(sft_coef=0.0, max_steps=100, lr=1e-4)
+def plain_dpo(cfg):
+    """Plain DPO (Rafailov et al. 2023; no NLL term) at its best budget here: it overfits the
+    pairs beyond ~100 steps. The default DPOConfig is DPO + NLL (RPO), leash's default."""
+    return replace(cfg, sft_coef=0.0, lr=1e-4, max_steps=min(cfg.max_steps, 100))
 
 
-def frontier(env, cfg, out, targets, dpo_betas):
+def frontier(env, cfg, dcfg, out, targets, dpo_betas):
     """The reward-KL frontier (Rafailov et al. 2023, fig. 2 left, in miniature): gold reward
     against the exact KL to the reference on the held-out prompts, for PPO with the adaptive
     controller at several KL targets, and plain DPO and DPO + NLL (RPO, leash's default) at
     several betas; every policy from the same SFT model, judged by the same evaluation."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     base = sft_baseline(env)
     ppo_runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
-    dpo_runs = [run_dpo(env, f"DPO beta={b:g}", dpo.DPOConfig(beta=b, seed=cfg.seed, **PLAIN_DPO))
-                for b in dpo_betas]
-    rpo_runs = [run_dpo(env, f"RPO beta={b:g}", dpo.DPOConfig(beta=b, seed=cfg.seed)) for b in dpo_betas]
+    dpo_runs = [run_dpo(env, f"DPO beta={b:g}", replace(plain_dpo(dcfg), beta=b)) for b in dpo_betas]
+    rpo_runs = [run_dpo(env, f"RPO beta={b:g}", replace(dcfg, beta=b)) for b in dpo_betas]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([0], [base["final"]["gold_reward"]], color="gray", marker="*", s=120, label="SFT", zorder=3)
     for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", lambda r: r["config"]["kl_target"]),
@@ -279,7 +368,8 @@ def frontier(env, cfg, out, targets, dpo_betas):
         for r, x, y in zip(runs, xs, ys):
             ax.annotate(f"{knob(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="KL(pi || pi_ref) on held-out prompts, nats per answer", ylabel="gold reward",
-           xscale="symlog", title="reward-KL frontier: every point one policy")
+           title="reward-KL frontier: every point one policy")
+    kl_scale(ax.set_xscale, [r["final"]["kl"] for r in ppo_runs + dpo_runs + rpo_runs])
     ax.legend()
     print("\n" + table([base] + ppo_runs + dpo_runs + rpo_runs) + "\n")
     save(out, "frontier", dict(sft=base, ppo=ppo_runs, dpo=dpo_runs, rpo=rpo_runs), fig)
@@ -288,17 +378,18 @@ def frontier(env, cfg, out, targets, dpo_betas):
 
 # ----------------------------------------------------------------------------- 5. precision
 
-def precision(env, cfg, out, seeds=(0, 1), dpo_beta=0.1):
-    """The same PPO (adaptive, cfg's KL target) and DPO runs in fp32 and under bf16 autocast,
-    at two seeds each: does the fast default land where fp32 does, within seed noise?"""
-    import matplotlib.pyplot as plt
+def precision(env, cfg, dcfg, out, seeds=(0, 1), dpo_beta=0.1):
+    """The same PPO (adaptive, cfg's KL target) and DPO + NLL runs in fp32 and under bf16
+    autocast, at two seeds each: does the fast default land where fp32 does, within seed noise?
+    Each policy is evaluated in its own dtype."""
+    plt = pyplot()
     runs = []
     for dtype in ("fp32", "bf16"):
         denv = dict(env, dtype=dtype)
         for seed in seeds:
             r = run_ppo(denv, f"target {cfg.kl_target:g}", replace(cfg, seed=seed), out)
             runs.append(dict(r, algo="PPO", dtype=dtype, seed=seed, label=f"PPO {dtype} seed {seed}"))
-            r = run_dpo(denv, f"RPO beta={dpo_beta:g}", dpo.DPOConfig(beta=dpo_beta, seed=seed))
+            r = run_dpo(denv, f"RPO beta={dpo_beta:g}", replace(dcfg, beta=dpo_beta, seed=seed))
             runs.append(dict(r, algo="DPO", dtype=dtype, seed=seed, label=f"DPO (RPO) {dtype} seed {seed}"))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
@@ -308,53 +399,308 @@ def precision(env, cfg, out, seeds=(0, 1), dpo_beta=0.1):
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.scatter([], [], color="tab:blue", label="fp32")
     ax.scatter([], [], color="tab:orange", label="bf16 autocast")
-    ax.set(xlabel="KL(pi || pi_ref), nats per answer", ylabel="gold reward", title="fp32 against bf16, two seeds")
+    ax.set(xlabel="KL(pi || pi_ref), nats per answer", ylabel="gold reward",
+           title="fp32 against bf16, two seeds")
     ax.legend()
     print("\n" + table(runs) + "\n")
     for r in runs:
         print(f"{r['label']}: {r.get('seconds', r['final'].get('seconds', float('nan'))):.0f} s")
-    save(out, "precision", [{k: r[k] for k in ("label", "algo", "dtype", "seed", "final")} for r in runs], fig)
+    keep = ("label", "algo", "dtype", "seed", "final")
+    save(out, "precision", [{k: r[k] for k in keep} for r in runs], fig)
     return runs
 
 
-EXPERIMENTS = {"hacking": hacking, "controller": controller, "overopt": overopt, "frontier": frontier,
-               "precision": precision}
-# PPO updates per run when --updates is not given: the controller needs time to settle.
-DEFAULT_UPDATES = {"hacking": 60, "controller": 80, "overopt": 60, "frontier": 80, "precision": 80}
+# ----------------------------------------------------------------------------- 6. the KL estimators
+
+def _demo_models(out, n, device):
+    """(policy, reference, prompts (n, P) left-padded, eos_id, pad_id, description): the run's SFT
+    model against its parent, the pretrained model; without a run, a random GPT against a noisy copy."""
+    from model import GPT, GPTConfig
+    sft_path, pre_path = os.path.join(out, "sft.pt"), os.path.join(out, "pretrain.pt")
+    if os.path.exists(sft_path) and os.path.exists(pre_path):
+        policy, ref = load_checkpoint(sft_path, device)[0], load_checkpoint(pre_path, device)[0]
+        enc = tok.load_tokenizer(os.path.join(out, "tokenizer.json"))
+        cfg = world.WorldConfig(n_pretrain=0, n_sft=0, n_train_prompts=0, n_eval_prompts=n)
+        prompts = [tok.encode(enc, p) for p in world.build_datasets(cfg)["eval_prompts"]]
+        pad = tok.pad_id(enc)
+        return (policy, ref, tok.left_pad(prompts, pad).to(device), tok.eos_id(enc), pad,
+                f"{sft_path} vs its parent {pre_path}")
+    policy = GPT(GPTConfig(block_size=72, vocab_size=64, n_layer=2, n_head=2, n_embd=64)).to(device)
+    ref = freeze(policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # prompt: token 0; eos = pad = -1 is never sampled, so every completion is full length
+    prompts = torch.zeros(n, 1, dtype=torch.long, device=device)
+    return policy.eval(), ref, prompts, -1, -1, "random GPT vs a copy + N(0, 0.05^2) weight noise"
+
+
+@torch.no_grad()
+def kl_estimators(out="out", n=256, device="cpu", lengths=(4, 8, 16, 32, 64)):
+    """Schulman's k1, k2, k3 and the exact KL (full_kl) on the same samples of the policy, per
+    token and summed per sequence, at several answer lengths: all are unbiased for the mean, but
+    their spread differs, and k1 of a sequence is negative in a share of the samples."""
+    torch.manual_seed(0)
+    policy, ref, prompts, eos, pad, what = _demo_models(out, n, device)
+    print(f"KL(pi || pi_ref) estimators, {n} samples per length: {what}")
+    fits = [L for L in lengths if prompts.shape[1] + L <= policy.cfg.block_size]
+    if len(fits) < len(lengths):
+        print(f"(skipping max_new_tokens {[L for L in lengths if L not in fits]}: longer than block_size)")
+    lengths, stats, rows, t0 = fits, {e: [] for e in ("k1", "k2", "k3", "full")}, [], time.time()
+    for i, L in enumerate(lengths):
+        tokens, _ = policy.generate(prompts, L, eos, pad)
+        logp, logits = token_logprobs(policy, tokens, pad, return_logits=True)
+        ref_logp, ref_logits = token_logprobs(ref, tokens, pad, return_logits=True)
+        mask = response_mask(tokens, prompts.shape[1], pad)
+        for e in stats:
+            tok_est = token_kl(logp, ref_logp, e, logits, ref_logits)[mask.bool()]
+            seq = sequence_kl(logp, ref_logp, mask, e, logits, ref_logits)
+            stats[e].append((seq.mean().item(), seq.std().item()))
+            rows.append(dict(max_new=L, length=mask.sum(1).mean().item(), estimator=e,
+                             tok_mean=tok_est.mean().item(), tok_std=tok_est.std().item(),
+                             seq_mean=seq.mean().item(), seq_std=seq.std().item(),
+                             seq_negative=(seq < 0).float().mean().item()))
+        rate = (time.time() - t0) / (i + 1)
+        print(f"kl: max_new_tokens {L} done ({i + 1}/{len(lengths)}), {rate:.1f} s/length, "
+              f"eta {rate * (len(lengths) - i - 1):.0f}s", flush=True)
+    print("\nfull = exact KL over the vocabulary at each sampled prefix; seq<0 = share of sequences "
+          "whose estimate is negative\n\n"
+          "| max_new | len | est | tok mean | tok std | seq mean | seq std | seq<0 |\n" + "|---" * 8 + "|")
+    for r in rows:
+        print(f"| {r['max_new']} | {r['length']:.1f} | {r['estimator']} | {r['tok_mean']:.4f} | "
+              f"{r['tok_std']:.4f} | {r['seq_mean']:.4f} | {r['seq_std']:.4f} | {r['seq_negative']:.1%} |")
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for e, st in stats.items():
+        mean, std = zip(*st)
+        label = "full (exact)" if e == "full" else e
+        left.errorbar(lengths, mean, yerr=[s / n ** 0.5 for s in std], label=label, capsize=3)
+        right.plot(lengths, std, marker="o", label=label)
+    left.set(xscale="log", xlabel="max_new_tokens", ylabel="nats per sequence",
+             title="mean per-sequence KL (+- 1 s.e.)")
+    right.set(xscale="log", yscale="log", xlabel="max_new_tokens", ylabel="nats per sequence",
+              title="spread (std) of the per-sequence estimate")
+    for ax in (left, right):
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
+    left.legend()
+    save(out, "kl", dict(models=what, n=n, rows=rows), fig, plot="kl_estimators")
+    return rows
+
+
+# ----------------------------------------------------------------------------- 7. the reward model
+
+def rank_correlation(x, y):
+    """Spearman's rank correlation: Pearson's r of the ranks, tied values sharing their mean rank."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        r = np.empty(len(v))
+        r[np.argsort(v, kind="stable")] = np.arange(len(v), dtype=float)
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return np.bincount(inverse, weights=r)[inverse] / counts[inverse]
+    rx, ry = ranks(x), ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def annotator_label_accuracy(pairs, tau=world.TAU, bias=world.EXCLAIM_BIAS):
+    """How often the annotators' more likely choice (world.annotator_prob: gold AND the "!" bias,
+    with the run's tau and bias) is the label they gave, ties counting half: the Bayes ceiling."""
+    probs = [world.annotator_prob(p["prompt"] + p["chosen"], p["prompt"] + p["rejected"], tau, bias)
+             for p in pairs]
+    return sum(1.0 if q > 0.5 else 0.5 if q == 0.5 else 0.0 for q in probs) / max(1, len(probs))
+
+
+def proxy_vs_gold(rm, enc, texts):
+    """Proxy and gold rewards of texts (e.g. SFT samples of the eval prompts): {"proxy", "gold",
+    "valid": lists; "spearman": rank correlation on all texts; "spearman_valid": on the valid ones
+    only, i.e. how well the proxy reads sentiment, apart from spotting invalid text}."""
+    proxy = reward.score_texts(rm, enc, texts)
+    gold, valid = [world.gold_reward(t) for t in texts], [world.is_valid(t) for t in texts]
+    ok = [i for i, v in enumerate(valid) if v]
+    return {"proxy": proxy, "gold": gold, "valid": valid, "spearman": rank_correlation(proxy, gold),
+            "spearman_valid": rank_correlation([proxy[i] for i in ok], [gold[i] for i in ok])}
+
+
+def accuracy_by_kind(rm, enc, pairs):
+    """Where the model falls short of the ceiling: accuracy on `pairs` (e.g. validation, whose
+    texts fit the block by construction) split into pairs of two valid answers (reading
+    sentiment) and pairs with one invalid answer (spotting broken text); pairs of two invalid
+    answers are left out. {kind: {"n", "accuracy", "gold_label_accuracy"}}."""
+    chosen, rejected = ([p["prompt"] + p[side] for p in pairs] for side in ("chosen", "rejected"))
+    r = torch.tensor(reward.score_texts(rm, enc, chosen + rejected) if pairs else [])
+    r_c, r_r = r[:len(pairs)], r[len(pairs):]
+    valid = [(world.is_valid(a), world.is_valid(b)) for a, b in zip(chosen, rejected)]
+    out = {}
+    for kind, keep in (("both valid", lambda v: v[0] and v[1]), ("one invalid", lambda v: v[0] != v[1])):
+        idx = [i for i, v in enumerate(valid) if keep(v)]
+        out[kind] = {"n": len(idx),
+                     "accuracy": reward.bt_loss(r_c[idx], r_r[idx])[1].item() if idx else float("nan"),
+                     "gold_label_accuracy": reward.gold_label_accuracy([pairs[i] for i in idx])}
+    return out
+
+
+NEUTRAL_SENTENCE = "i watched it at home."  # valid, sentiment 0: length without content
+
+
+def blind_spot_edits(text):
+    """{edit name: edited text} of a valid 3-sentence review whose sentences all end in ".".
+    Gold: one "!" is free, each further one costs 0.1; a repeat costs 0.3; a neutral sentence
+    pulls the mean sentiment towards 0. Annotators rarely saw any of these."""
+    s = re.split(r"(?<=[.!]) ", text)
+    best = max(s, key=lambda x: world.sentence_sentiment(x[:-1]))
+    edits = {"original": text}
+    for k in (1, 2, 3):
+        edits[f"{k} x '!'"] = " ".join(x[:-1] + "!" if i < k else x for i, x in enumerate(s))
+    edits["best sentence repeated"] = f"{text} {best}"
+    edits["neutral 4th sentence"] = f"{text} {NEUTRAL_SENTENCE}"
+    return edits
+
+
+def blind_spot_report(rm, enc, base_texts, max_bases=512):
+    """Mean proxy and gold reward of each edit over base texts that are valid, positive, three
+    sentences long, have no "!" and fit the reward model's block with every edit. Rows {"edit",
+    "proxy", "gold", "d_proxy", "d_gold", "n"}; d_* are changes against the original. Reward
+    hacking lives where d_proxy > 0 > d_gold."""
+    block = rm.gpt.cfg.block_size
+    fits = lambda e: all(len(tok.encode(enc, t)) < block for t in e.values())  # + EOS <= block
+    candidates = (t for t in dict.fromkeys(base_texts) if world.is_valid(t) and "!" not in t
+                  and len(re.split(r"(?<=[.]) ", t)) == 3 and world.gold_reward(t) > 0)
+    edited = list(itertools.islice((e for e in map(blind_spot_edits, candidates) if fits(e)), max_bases))
+    if not edited:
+        return []
+    rows = []
+    for name in edited[0]:
+        texts = [e[name] for e in edited]
+        rows.append({"edit": name, "proxy": float(np.mean(reward.score_texts(rm, enc, texts))),
+                     "gold": float(np.mean([world.gold_reward(t) for t in texts])), "n": len(texts)})
+    for r in rows:
+        r["d_proxy"], r["d_gold"] = r["proxy"] - rows[0]["proxy"], r["gold"] - rows[0]["gold"]
+    return rows
+
+
+def plot_reward_model(proxy_gold, blind_spot, path=None):
+    """A figure with two panels: proxy_vs_gold's scatter (Spearman in the title), and the change
+    of proxy and gold under each blind_spot_report edit. Saved to path if given."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for valid, color, label in ((True, "tab:blue", "valid"), (False, "tab:red", "invalid (gold -1)")):
+        pts = [(g, p) for g, p, v in zip(proxy_gold["gold"], proxy_gold["proxy"], proxy_gold["valid"])
+               if v == valid]
+        if pts:
+            ax1.scatter(*zip(*pts), s=8, alpha=0.5, color=color, label=label)
+    ax1.legend(loc="upper left")
+    ax1.set(xlabel="gold reward", ylabel="proxy reward (SFT mean 0, std 1)",
+            title=f"proxy vs gold on SFT samples: Spearman {proxy_gold['spearman']:.2f} "
+                  f"({proxy_gold['spearman_valid']:.2f} on valid)")
+    rows = blind_spot[1:]
+    x = range(len(rows))
+    ax2.bar([i - 0.2 for i in x], [r["d_proxy"] for r in rows], 0.4, label="proxy change (std units)")
+    ax2.bar([i + 0.2 for i in x], [r["d_gold"] for r in rows], 0.4, label="gold change")
+    ax2.axhline(0, color="black", linewidth=0.8)
+    ax2.set_xticks(x, [r["edit"] for r in rows], rotation=20, ha="right")
+    ax2.set(title="blind spot: edits of positive 3-sentence reviews")
+    ax2.legend()
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def reward_model(env, out):
+    """The reward model's diagnostics: validation accuracy against its ceilings, split by kind of
+    pair; proxy against gold on SFT samples of the eval prompts; the blind spot."""
+    rcfg, rm, enc, t0 = env["source"]["reward"], env["rm"], env["enc"], time.time()
+    _, val = reward.split_pairs(env["pairs"], rcfg["val_fraction"])
+    kinds = accuracy_by_kind(rm, enc, val)
+    print(f"reward: scored {len(val)} validation pairs ({time.time() - t0:.1f}s); sampling the SFT model on "
+          f"{len(env['data']['eval_prompts'])} eval prompts", flush=True)
+    _, sft_samples = evaluate(env, env["sft"])
+    pg = proxy_vs_gold(rm, enc, sft_samples)
+    spot = blind_spot_report(rm, enc, env["data"]["pretrain"] + sft_samples)
+    print(f"reward: done in {time.time() - t0:.1f}s")
+    res = env["rm_result"]
+    result = dict(val_accuracy=res["val_accuracy"], gold_label_accuracy=reward.gold_label_accuracy(val),
+                  annotator_label_accuracy=annotator_label_accuracy(val, rcfg["annotator_tau"],
+                                                                    rcfg["annotator_bias"]),
+                  val_accuracy_by_kind=kinds, spearman_proxy_gold=pg["spearman"],
+                  spearman_proxy_gold_valid=pg["spearman_valid"], blind_spot=spot, proxy_vs_gold=pg)
+    print(f"\nreward model: val accuracy {res['val_accuracy']:.3f} (gold-label ceiling "
+          f"{result['gold_label_accuracy']:.3f}, annotators' own ceiling "
+          f"{result['annotator_label_accuracy']:.3f}), "
+          f"proxy-gold Spearman {pg['spearman']:.3f} on {len(sft_samples)} SFT samples "
+          f"({pg['spearman_valid']:.3f} on the valid ones)")
+    for kind, a in kinds.items():
+        print(f"  {kind} pairs ({a['n']}): {num(a['accuracy'])} (ceiling {num(a['gold_label_accuracy'])})")
+    print(f"\nblind spot ({spot[0]['n'] if spot else 0} positive 3-sentence reviews, each edited):\n\n"
+          "| edit | proxy | gold | proxy change | gold change |\n|---|---|---|---|---|")
+    for r in spot:
+        print(f"| {r['edit']} | {r['proxy']:+.3f} | {r['gold']:+.3f} | {r['d_proxy']:+.3f} | "
+              f"{r['d_gold']:+.3f} |")
+    save(out, "reward", result, plot_reward_model(pg, spot), plot="reward_model")
+    return result
+
+
+# ----------------------------------------------------------------------------- the command line
+
+EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward")
+# PPO updates per run when --updates is not given, as a share of the preset's (cpu: 80): the
+# controller needs time to settle; hacking and overopt see the damage well before.
+UPDATE_SHARE = {"hacking": 0.75, "controller": 1.0, "overopt": 0.75, "frontier": 1.0, "precision": 1.0}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="leash's PPO experiments")
-    parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which experiment to run")
-    parser.add_argument("--out", default="out", help="folder with sft.pt and reward_model.pt; results go here")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    parser.add_argument("--updates", type=int, default=None, help="PPO updates per run (default: per experiment)")
+    parser = argparse.ArgumentParser(description="leash's experiments, one per subcommand")
+    parser.add_argument("experiment", choices=EXPERIMENTS, help="which experiment to run")
+    parser.add_argument("--out", default="out", help="a finished run of train.py; results go here too")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run (auto: as train.py picks)")
+    parser.add_argument("--updates", type=int, default=None,
+                        help="PPO updates per run (default: the run preset's; 3/4 of it: hacking, overopt)")
     parser.add_argument("--kl-target", type=float, nargs="+", default=None,
-                        help="controller: KL target(s) in nats per sequence (default: 2 and 4; frontier: 1 2 4 8)")
+                        help="KL target(s), nats per sequence (controller: 2 and 4; frontier: 1 2 4 8)")
     parser.add_argument("--beta", type=float, default=0.0, help="overopt: the fixed KL coefficient")
     parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
                         help="frontier: DPO's beta values")
+    parser.add_argument("--dpo-steps", type=int, default=None,
+                        help="DPO steps at most (default: the run preset's; plain DPO at most 100)")
+    parser.add_argument("--n", type=int, default=256, help="kl: samples per answer length")
     parser.add_argument("--seed", type=int, default=0,
                         help="PPO and DPO seed, the same for every run of an experiment (precision: 0 and 1)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 when several runs share the CPU)")
+                        help="torch CPU threads (default: torch's; use 1 when runs share the CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = setup(args.out, args.device)
-    cfg = PPOConfig(seed=args.seed, updates=args.updates or DEFAULT_UPDATES[args.experiment])
-    t0 = time.time()
-    if args.experiment == "controller":
+    device, name, t0 = pick_device(args.device), args.experiment, time.time()
+    if name == "kl":
+        kl_estimators(args.out, args.n, device)
+    else:
+        run_experiment(name, args, device)
+    print(f"{name}: {time.time() - t0:.0f}s")
+
+
+def run_experiment(name, args, device):
+    env = setup(args.out, device)
+    print(f"{name}: device {device}, dtype {env['dtype']}, preset {env['source']['preset']}, run {args.out}")
+    if name == "reward":
+        return reward_model(env, args.out)
+    over = train.STAGE_OVERRIDES[env["source"]["preset"]]
+    cfg = replace(PPOConfig(), **over["ppo"], seed=args.seed)
+    cfg = replace(cfg, updates=args.updates or max(1, round(UPDATE_SHARE[name] * cfg.updates)))
+    dcfg = replace(dpo.DPOConfig(), **over["dpo"], seed=args.seed)
+    dcfg = replace(dcfg, max_steps=args.dpo_steps or dcfg.max_steps)
+    if name == "controller":
         controller(env, cfg, args.out, args.kl_target or [2.0, 4.0])
-    elif args.experiment == "overopt":
+    elif name == "overopt":
         overopt(env, cfg, args.out, args.beta)
-    elif args.experiment == "frontier":
-        frontier(env, cfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
-    elif args.experiment == "precision":
-        precision(env, cfg, args.out)
+    elif name == "frontier":
+        frontier(env, cfg, dcfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
+    elif name == "precision":
+        precision(env, cfg, dcfg, args.out)
     else:
         hacking(env, cfg, args.out)
-    print(f"{args.experiment}: {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

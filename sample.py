@@ -5,20 +5,45 @@ Generate from any checkpoint of a run, and judge each completion.
     python sample.py --ckpt out/sft.pt --prompt "the plot was" --prompt "i watched" -n 3
     python sample.py --ckpt out/dpo.pt --temperature 0.7
 
-Each completion is printed with its gold reward and whether it is a valid sentence
-of the world's language (and the reward model's opinion, when the run has one).
+Each completion is printed with its gold reward and whether it is a valid sentence of the
+world's language (and the reward model's opinion, when the run has one). The tokenizer is the
+run's (tokenizer.json beside the checkpoint); the default prompts are the run's first eval prompts.
 """
 import argparse
+import json
 import os
 import sys
 
 import torch
 
+import tokenizer as tok
+import userdata
 import world
-from evaluate import sample_batch
-from sft import load_checkpoint
+from model import autocast, load_checkpoint, pick_device
 
 STAGES = ("ppo.pt", "dpo.pt", "sft.pt", "pretrain.pt")
+
+
+def run_config(folder):
+    """The run's config (stages/tokenizer.json), or {} if the folder has none."""
+    try:
+        with open(os.path.join(folder, "stages", "tokenizer.json")) as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def default_prompts(cfg, k=4):
+    """The run's first k eval prompts, rebuilt as train.py built them (from its text file with
+    --data, else its world); without a run config, the default world's."""
+    if cfg.get("data"):
+        data = userdata.build_datasets(cfg["data"], cfg["seed"], n_eval_prompts=cfg["eval_prompts"])
+    elif cfg:
+        data = world.build_datasets(world.WorldConfig(cfg["seed"], cfg["n_pretrain"], cfg["n_sft"],
+                                                      n_eval_prompts=cfg["eval_prompts"]))
+    else:
+        data = world.build_datasets(world.WorldConfig(n_pretrain=10, n_sft=10))
+    return data["eval_prompts"][:k]
 
 
 def main(argv=None):
@@ -27,36 +52,48 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint file (default: the latest stage in --out)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: eval prompts)")
     p.add_argument("-n", type=int, default=2, help="completions per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1 = the policy as trained)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (1 = the policy as trained)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
     args = p.parse_args(argv)
     if args.temperature <= 0:
         sys.exit("error: --temperature must be > 0")
+    device = pick_device(args.device)
     ckpt = args.ckpt or next((os.path.join(args.out, s) for s in STAGES
                               if os.path.exists(os.path.join(args.out, s))), None)
     if ckpt is None:
         sys.exit(f"error: no checkpoint in {args.out}/ (run `python train.py --out {args.out}` first)")
+    folder = os.path.dirname(ckpt) or "."
     try:
-        model, enc = load_checkpoint(ckpt, args.device)
+        model = load_checkpoint(ckpt, device)[0]
+        enc = tok.load_tokenizer(os.path.join(folder, "tokenizer.json"))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    prompts = args.prompt or world.build_datasets(world.WorldConfig(n_pretrain=10, n_sft=10))["eval_prompts"][:4]
-    proxy = None
-    rm_path = os.path.join(os.path.dirname(ckpt) or ".", "reward_model.pt")
-    if os.path.exists(rm_path):
-        from reward import load_scalar_model, proxy_reward_fn
-        proxy = proxy_reward_fn(load_scalar_model(rm_path, args.device), enc, args.device)
-    torch.manual_seed(args.seed)
-    max_new = model.cfg.block_size - max(len(enc.encode_ordinary(q)) for q in prompts)
+    cfg = run_config(folder)
+    user_text = bool(cfg.get("data"))  # a user's text: its own gold reward, no validity
+    gold_fn, valid_fn = (userdata.gold_reward, None) if user_text else (world.gold_reward, world.is_valid)
+    prompts = args.prompt or default_prompts(cfg)
+    pad, eos = tok.pad_id(enc), tok.eos_id(enc)
+    batch = [q for q in prompts for _ in range(args.n)]
+    ids = tok.left_pad([tok.encode(enc, q) for q in batch], pad).to(device)
+    max_new = model.cfg.block_size - ids.shape[1]
     if max_new < 1:
         sys.exit(f"error: a prompt is longer than the model's block size ({model.cfg.block_size} tokens)")
-    batch = [q for q in prompts for _ in range(args.n)]
-    _, _, texts, ended = sample_batch(model, enc, batch, max_new, args.device, args.temperature)
-    scores = proxy(texts) if proxy else [None] * len(texts)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    with torch.no_grad(), autocast(device, cfg.get("dtype", "fp32"), sampling=True):
+        tokens, _ = model.generate(ids, max_new, eos, pad, args.temperature, generator=gen)
+    answers, ended = tok.decode_responses(enc, tokens, ids.shape[1])
+    texts = [q + a for q, a in zip(batch, answers)]
+    scores = [None] * len(texts)
+    rm_path = os.path.join(folder, "reward_model.pt")
+    if os.path.exists(rm_path):
+        import reward
+        scores = reward.score_texts(load_checkpoint(rm_path, device)[0], enc, texts)
     print(f"{ckpt}: {len(texts)} samples at temperature {args.temperature}\n")
     for text, e, s in zip(texts, ended, scores):
-        judged = f"gold {world.gold_reward(text):+.2f}  valid {'yes' if world.is_valid(text) else 'no '}"
+        judged = f"gold {gold_fn(text):+.2f}"
+        judged += f"  valid {'yes' if valid_fn(text) else 'no '}" if valid_fn else ""
         judged += f"  proxy {s:+.2f}" if s is not None else ""
         print(f"[{judged}{'' if e else '  no EOS'}]  {text}")
 

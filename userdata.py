@@ -100,4 +100,5 @@ def build_datasets(path, seed=0, passage_words=24, n_eval_prompts=256, n_train_p
     return {"pretrain": train, "sft": sft,
             "eval_prompts": [split(p)[0] for p in held[:n_eval]],
             "eval_references": held[:n_eval],
-            "train_prompts": [split(p)[0] for p in held[n_eval:]] or [split(p)[0] for p in train[:n_train_prompts]]}
+            "train_prompts": [split(p)[0] for p in held[n_eval:]]
+            or [split(p)[0] for p in train[:n_train_prompts]]}

@@ -7,6 +7,7 @@ import torch
 def pytest_addoption(parser):
     parser.addoption("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                      help="train.py --dtype for the end-to-end tests")
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (minutes each)")
 
 
 @pytest.fixture
@@ -22,3 +23,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes, not seconds: run only with `pytest --slow`")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--slow"):
+        skip = pytest.mark.skip(reason="slow: run with `pytest --slow`")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip)

@@ -22,12 +22,15 @@ def refused(argv, capsys):
     (["--kl-target", "-1"], "--kl-target"),
     (["--dpo-beta", "0"], "--dpo-beta"),
     (["--preset", "huge"], "--preset huge"),
-    (["--algo", "grpo"], "--algo grpo"),
+    (["--algo", "trpo"], "--algo trpo"),
     (["--kl-estimator", "k4"], "k4"),
     (["--device", "cuda"], "cuda"),
     (["--device", "tpu"], "tpu"),
     (["--dtype", "fp8"], "fp8"),
     (["--n-layer", "0"], "--n-layer"),
+    (["--eval-prompts", "0"], "--eval-prompts"),
+    (["--rm-prompts", "-5"], "--rm-prompts"),
+    (["--annotator-bias", "-1"], "--annotator-bias"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flags(argv, words, capsys, tmp_path):

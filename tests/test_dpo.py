@@ -2,13 +2,14 @@
 a large beta keeps the policy at the reference, the chosen reward can fall while the margin
 grows, and the data / training plumbing (one forward for both sides, precomputed reference)."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 import tokenizer as tok
-from dpo import (DPOConfig, dpo_loss, dpo_sweep, encode_preference_pairs, flatten_pairs,
-                 reference_logps, sequence_logps, train_dpo)
+from dpo import (DPOConfig, dpo_loss, encode_pairs, flatten_pairs, implicit_accuracy, pair_logps,
+                 sequence_logps, train_dpo)
 from helpers import tiny_gpt
 from kl import full_kl
 from reference import freeze
@@ -54,12 +55,25 @@ def test_ipo_loss_by_hand():
         assert rc.item() == pytest.approx(beta) and rr.item() == pytest.approx(-beta)
 
 
+def test_ipo_per_token_averages_the_log_ratios():
+    """With lengths, IPO's margin is in nats per token: chosen log-ratio 4 over 4 tokens, rejected
+    -2 over 2 tokens gives h = 1 - (-1) = 2; summed, h = 6 and the same beta asks for more."""
+    args = t(-1.0), t(-4.0), t(-5.0), t(-2.0)
+    per_token, rc, rr = dpo_loss(*args, 0.5, "ipo", chosen_lengths=t(4.0), rejected_lengths=t(2.0))
+    assert per_token.item() == pytest.approx((2 - 1) ** 2, abs=1e-6)
+    assert rc.item() == pytest.approx(0.5 * 4) and rr.item() == pytest.approx(0.5 * -2)  # rewards: whole answers
+    summed, _, _ = dpo_loss(*args, 0.5, "ipo")
+    assert summed.item() == pytest.approx((6 - 1) ** 2, abs=1e-6)
+
+
 def test_bad_arguments_raise():
     x = t(0.0)
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(x, x, x, x, 0.1, loss_type="hinge-ish")
     with pytest.raises(ValueError, match="label_smoothing"):
         dpo_loss(x, x, x, x, 0.1, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="ipo"):
+        dpo_loss(x, x, x, x, 0.1, chosen_lengths=t(1.0), rejected_lengths=t(1.0))
 
 
 def test_rewards_are_detached_and_loss_is_fp32():
@@ -156,7 +170,7 @@ def enc():
 
 
 def test_pairs_encode_prompt_completion_eos_and_mask_the_completion(enc):
-    tokens, mask, dropped = encode_preference_pairs(enc, PAIRS, 32)
+    tokens, mask, dropped = encode_pairs(enc, PAIRS, 32)
     assert dropped == 0 and tokens.shape[:2] == (4, 2) and mask.shape == (4, 2, tokens.shape[2] - 1)
     eos, pad = tok.eos_id(enc), tok.pad_id(enc)
     for i, pair in enumerate(PAIRS):
@@ -167,19 +181,21 @@ def test_pairs_encode_prompt_completion_eos_and_mask_the_completion(enc):
             assert row[:len(p) + len(c)] == p + c and set(row[len(p) + len(c):]) <= {pad}
             assert [x for x, m in zip(row[1:], mask[i, j].tolist()) if m] == c
     long = {"prompt": "the film", "chosen": " was good." * 20, "rejected": " was bad."}
-    assert encode_preference_pairs(enc, PAIRS + [long], 32)[2] == 1
+    assert encode_pairs(enc, PAIRS + [long], 32)[2] == 1
 
 
 def test_one_forward_for_both_sides_matches_separate_forwards(enc):
     model = tiny_gpt(enc)
-    tokens, mask, _ = encode_preference_pairs(enc, PAIRS, 32)
+    tokens, mask, _ = encode_pairs(enc, PAIRS, 32)
     flat_tokens, flat_mask = flatten_pairs(tokens, mask)
     both = sequence_logps(model, flat_tokens, flat_mask)
     for j in (0, 1):  # chosen rows first, then rejected rows
         alone = sequence_logps(model, tokens[:, j], mask[:, j])
         assert torch.allclose(both[4 * j:4 * j + 4], alone, atol=1e-5)
-    ref = reference_logps(model, tokens, mask, batch_size=3)  # batches that split a pair
-    assert torch.allclose(ref, both.view(2, 4).T, atol=1e-5)
+    ref = pair_logps(model, tokens, mask, batch_size=3)  # batches that split a pair
+    assert ref.shape == (4, 2) and torch.allclose(ref, both.view(2, 4).T, atol=1e-5)
+    # flatten_pairs cuts the padding columns after the batch's last response token
+    assert flat_tokens.shape[1] == int(mask.sum((0, 1)).nonzero().max()) + 2 <= tokens.shape[2]
 
 
 def test_train_dpo_learns_its_pairs_and_reports(enc):
@@ -193,7 +209,8 @@ def test_train_dpo_learns_its_pairs_and_reports(enc):
     assert first["loss"] == pytest.approx(LOG2, abs=1e-5) and abs(first["margin"]) < 1e-5
     assert last["loss"] < 0.2 and last["margin"] > 2.0 and last["accuracy"] == 1.0
     assert hist["implicit_accuracy"] == 1.0 and len(calls) == 2  # step 19 and the last step
-    assert last["gold_reward"] == 0.5 and hist["eval"] == {"gold_reward": 0.5}
+    assert last["eval_gold_reward"] == 0.5 and hist["eval"] == {"gold_reward": 0.5}
+    assert "gold_reward" not in last and "val_accuracy" in last and "val_accuracy" not in first
     for key in ("stage", "step", "loss", "chosen_reward", "rejected_reward", "margin", "accuracy",
                 "pairs_per_s", "eta_s"):
         assert key in first
@@ -201,7 +218,7 @@ def test_train_dpo_learns_its_pairs_and_reports(enc):
 
 
 def exact_kl_on_pairs(policy, ref, enc):
-    tokens, mask, _ = encode_preference_pairs(enc, PAIRS, 32)
+    tokens, mask, _ = encode_pairs(enc, PAIRS, 32)
     t_, m_ = flatten_pairs(tokens, mask)
     with torch.no_grad():
         return (full_kl(policy(t_)[:, :-1], ref(t_)[:, :-1]) * m_).sum(1).mean().item()
@@ -220,18 +237,6 @@ def test_large_beta_keeps_a_trained_gpt_near_the_reference(enc):
     assert kls[1000.0] < 0.1 * kls[0.1]
 
 
-def test_sweep_starts_every_beta_from_the_same_policy(enc):
-    start = tiny_gpt(enc)
-    before = {k: v.clone() for k, v in start.state_dict().items()}
-    ref = freeze(start)
-    cfg = DPOConfig(sft_coef=0.0, epochs=20, batch_size=4, lr=3e-3, warmup=2, eval_every=1000)
-    points = dpo_sweep(start, enc, PAIRS, [0.1, 1000.0], cfg, log=lambda r: None,
-                       eval_fn=lambda m: {"kl": exact_kl_on_pairs(m, ref, enc)}, val_pairs=PAIRS)
-    assert [p["beta"] for p in points] == [0.1, 1000.0]
-    assert all(torch.equal(v, before[k]) for k, v in start.state_dict().items())
-    assert points[1]["kl"] < points[0]["kl"] and points[0]["implicit_accuracy"] == 1.0
-
-
 def test_max_steps_trains_on_a_random_subset_only(enc):
     cfg = DPOConfig(sft_coef=0.0, epochs=1, max_steps=1, batch_size=2, eval_every=1000)
     _, hist = train_dpo(tiny_gpt(enc), None, enc, PAIRS, cfg, log=lambda r: None)
@@ -241,7 +246,7 @@ def test_max_steps_trains_on_a_random_subset_only(enc):
 def test_sft_coef_adds_the_chosen_nll_per_token(enc):
     from sft import masked_nll
     model = tiny_gpt(enc)
-    tokens, mask, _ = encode_preference_pairs(enc, PAIRS, 32)
+    tokens, mask, _ = encode_pairs(enc, PAIRS, 32)
     with torch.no_grad():
         nll = masked_nll(model, tokens[:, 0], mask[:, 0]).item()  # SFT's loss on the chosen side
     records = []
@@ -249,3 +254,26 @@ def test_sft_coef_adds_the_chosen_nll_per_token(enc):
     train_dpo(model, None, enc, PAIRS, cfg, log=records.append)
     assert records[0]["chosen_nll"] == pytest.approx(nll, abs=1e-5)
     assert records[0]["loss"] == pytest.approx(LOG2 + 0.5 * nll, abs=1e-5)
+
+
+def test_implicit_accuracy_counts_pairs_the_policy_ranks_right(enc):
+    ref = tiny_gpt(enc)
+    tokens, mask, _ = encode_pairs(enc, PAIRS, 32)
+    ref_logps = pair_logps(ref, tokens, mask)
+    # at the reference every log-ratio is 0: no pair is ranked right (ties do not count)
+    assert implicit_accuracy(ref, tokens, mask, ref_logps) == 0.0
+    # against shifted reference log-probs the ranking is known: chosen ratio +1 or -1
+    shift = torch.tensor([[-1.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [0.0, 0.0]])
+    assert implicit_accuracy(ref, tokens, mask, ref_logps + shift) == pytest.approx(0.5)
+
+
+def test_sources_policy_keeps_the_policys_own_pairs(enc):
+    world_pairs = [dict(p, source="world") for p in PAIRS]
+    cfg = DPOConfig(sft_coef=0.0, max_steps=1000, epochs=1, batch_size=2, eval_every=1000)
+    _, hist = train_dpo(tiny_gpt(enc), None, enc, PAIRS[:2] + world_pairs, cfg, log=lambda r: None)
+    assert hist["n_pairs"] == 2  # the two without a source count as the policy's
+    _, hist = train_dpo(tiny_gpt(enc), None, enc, PAIRS[:2] + world_pairs, replace(cfg, sources="all"),
+                        log=lambda r: None)
+    assert hist["n_pairs"] == 6
+    with pytest.raises(ValueError, match="sources"):
+        train_dpo(tiny_gpt(enc), None, enc, PAIRS, replace(cfg, sources="mine"), log=lambda r: None)

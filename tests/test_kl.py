@@ -11,7 +11,7 @@ from torch.distributions import Categorical, Normal, kl_divergence
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kl import (AdaptiveKLController, FixedKLController, LinearKLSchedule, full_kl, k1,  # noqa: E402
-                k2, k3, kl_loss, kl_penalized_rewards, sequence_kl, token_kl)
+                k2, k3, kl_loss, kl_penalized_rewards, make_controller, sequence_kl, token_kl)
 
 torch.set_num_threads(1)
 
@@ -244,6 +244,20 @@ def test_linear_schedule_exact():
     assert LinearKLSchedule(0.5, 1.5, 0).value == 1.5
 
 
+def test_make_controller_builds_each_kind():
+    c = make_controller("adaptive", 0.3, kl_target=6.0, horizon=100)
+    assert isinstance(c, AdaptiveKLController) and (c.value, c.target, c.horizon) == (0.3, 6.0, 100)
+    c = make_controller("fixed", 0.2, kl_target=6.0, horizon=100)
+    assert isinstance(c, FixedKLController) and c.value == 0.2
+    c = make_controller("schedule", 0.1, beta_end=0.5, n_updates=4)
+    assert isinstance(c, LinearKLSchedule) and c.value == 0.1
+    for _ in range(4):
+        c.update(0.0, 64)
+    assert c.value == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="pid"):
+        make_controller("pid", 0.1)
+
+
 # ---------------------------------------------------------------------------
 # gradients: which KL does each use of an estimator actually minimise?
 
@@ -320,3 +334,22 @@ def test_kl_loss_masking():
     # the estimator knob
     assert kl_loss(logp, ref_logp, mask, "k1").item() == pytest.approx(k1(logp[m], ref_logp[m]).mean().item(),
                                                                         rel=1e-6)
+
+
+def test_kl_loss_gives_no_gradient_to_the_reference():
+    """The reference is fixed: even a ref_logp that requires grad (computed without no_grad, or
+    a trainable reference) gets no gradient from kl_loss; logp gets all of it."""
+    scores, logp, ref_logp, mask, logits, ref_logits = reward_batch()
+    m = mask == 1
+    logp = torch.where(m, logp, 0.0).requires_grad_()
+    ref_logp = torch.where(m, ref_logp, 0.0).requires_grad_()
+    for estimator in ("k1", "k2", "k3"):
+        logp.grad = ref_logp.grad = None
+        kl_loss(logp, ref_logp, mask, estimator).backward()
+        assert ref_logp.grad is None or torch.equal(ref_logp.grad, torch.zeros_like(ref_logp)), estimator
+        assert logp.grad is not None and (logp.grad[m] != 0).all(), estimator
+    # the gradient logp gets is the one of the estimator with the reference held constant
+    logp.grad = None
+    kl_loss(logp, ref_logp, mask).backward()
+    lr = (ref_logp - logp).detach()[m]
+    torch.testing.assert_close(logp.grad[m], (1 - lr.exp()) / m.sum(), atol=1e-6, rtol=1e-5)

@@ -10,12 +10,10 @@ import torch
 import helpers
 import tokenizer as tok
 import world
-from report import plot_reward_model
-from reward import (RewardConfig, ScalarModel, accuracy_by_kind, annotator_label_accuracy,
-                    blind_spot_edits, splice, blind_spot_report, bt_loss, encode_pairs_for_rm, gold_label_accuracy,
-                    last_token_index, load_scalar_model, make_preferences, normalize,
-                    proxy_reward_fn, proxy_vs_gold, rank_correlation,
-                    save_scalar_model, score, split_pairs, train_reward_model)
+from model import ScalarModel
+from reward import (RewardConfig, bt_loss, encode_pairs, gold_label_accuracy, label_group, make_preferences,
+                    normalize, pair_scores, score, score_rows, score_texts, splice, split_pairs,
+                    train_reward_model)
 
 FILLER = "the film plot cast music was is a bit very i we it".split()
 TEXTS = ["the film was good.", "i loved the cast!", "the plot was not very good.",
@@ -70,9 +68,12 @@ def test_score_is_read_at_eos_not_at_pad(enc):
     b = tok.encode(enc, "the film was good. i loved the cast!") + [eos]
     T = len(b) + 3
     tokens = torch.tensor([a + [pad] * (T - len(a)), b + [pad] * (T - len(b))])
-    assert last_token_index(tokens, pad).tolist() == [len(a) - 1, len(b) - 1]  # the EOS positions
     with torch.no_grad():
         s = score(rm, tokens, pad)
+        values = rm(tokens, tokens != pad)
+    # read at the EOS positions, not at the last column (PAD)
+    assert torch.equal(s, torch.stack([values[0, len(a) - 1], values[1, len(b) - 1]]))
+    with torch.no_grad():
         alone = [rm(torch.tensor([row]))[0, -1] for row in (a, b)]  # each text, no padding at all
         more_pad = score(rm, torch.cat([tokens, torch.full((2, 5), pad)], 1), pad)
     assert torch.allclose(s, torch.stack(alone), atol=1e-5)
@@ -83,14 +84,27 @@ def test_score_is_read_at_eos_not_at_pad(enc):
         assert score(rm, left, pad).item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
-def test_proxy_reward_fn_scores_texts_in_any_order(enc):
+def test_score_texts_in_any_order_and_chunk(enc):
     rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
-    reward_fn = proxy_reward_fn(rm, enc, "cpu", batch_size=2)
     texts = ["it was great.", "the film was good. i loved the cast!", "it was awful.", "i loved the cast!"]
-    together = reward_fn(texts)
-    one_by_one = [reward_fn([t])[0] for t in texts]
-    assert together == pytest.approx(one_by_one, abs=1e-5)
-    assert reward_fn([]) == []
+    together = score_texts(rm, enc, texts, chunk=2)
+    one_by_one = [score_texts(rm, enc, [t])[0] for t in texts]
+    assert isinstance(together, list) and together == pytest.approx(one_by_one, abs=1e-5)
+    # each is the score read at the EOS of prompt-less text + EOS
+    with torch.no_grad():
+        direct = rm(torch.tensor([tok.encode(enc, texts[1]) + [tok.eos_id(enc)]]))[0, -1].item()
+    assert together[1] == pytest.approx(direct, abs=1e-5)
+    with pytest.raises(ValueError, match="block_size"):
+        score_texts(rm, enc, ["the film was good." * 20])
+
+
+def test_score_rows_equals_score_of_the_whole_batch(enc):
+    rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
+    texts = ["it was great.", "the film was good. i loved the cast!", "it was awful.", "i loved the cast!", "it"]
+    tokens, _, _ = tok.encode_batch(enc, [""] * len(texts), texts, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(score_rows(rm, tokens, tok.pad_id(enc), chunk=2),
+                                   score(rm, tokens, tok.pad_id(enc)), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- normalisation
@@ -98,13 +112,16 @@ def test_proxy_reward_fn_scores_texts_in_any_order(enc):
 def test_normalize_gives_mean_0_std_1_on_its_texts(enc):
     rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
     texts = list(dict.fromkeys(TEXTS))
-    raw_mean, raw_std = normalize(rm, enc, texts, "cpu")
-    r = torch.tensor(proxy_reward_fn(rm, enc, "cpu")(texts))
+    tokens, _, _ = tok.encode_batch(enc, [""] * len(texts), texts, 32)
+    raw = torch.tensor(score_texts(rm, enc, texts))
+    raw_mean, raw_std = normalize(rm, tokens, tok.pad_id(enc))
+    assert raw_mean == pytest.approx(raw.mean().item(), abs=1e-5) and raw_std == pytest.approx(raw.std().item())
+    r = torch.tensor(score_texts(rm, enc, texts))
     assert r.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert r.std().item() == pytest.approx(1.0, abs=1e-5)
-    assert raw_std > 0
-    normalize(rm, enc, texts, "cpu")  # normalising twice changes nothing: it starts from raw scores
-    assert torch.tensor(proxy_reward_fn(rm, enc, "cpu")(texts)).std().item() == pytest.approx(1.0, abs=1e-5)
+    assert rm.gain.item() == pytest.approx(1 / raw_std) and raw_std > 0
+    normalize(rm, tokens, tok.pad_id(enc))  # normalising twice changes nothing: it starts from raw scores
+    assert torch.tensor(score_texts(rm, enc, texts)).std().item() == pytest.approx(1.0, abs=1e-5)
 
 
 # ---------------------------------------------------------------- preference data
@@ -116,33 +133,11 @@ def test_gold_label_accuracy_on_hand_pairs():
              make_pair("i give", best, best + "")]  # a tie: 1/2
     assert gold_label_accuracy(pairs) == pytest.approx(0.5)
     assert gold_label_accuracy(pairs[:1]) == 1.0
-    # the annotators' own ceiling also counts their taste for "!": at equal gold, more "!" wins
+    # texts that differ only in "!" (one is free) tie on gold
     loud = [make_pair("it was", " great!", " great."), make_pair("it was", " great.", " great!"),
             make_pair("it was", " great.", " great.")]
     assert loud[0]["gold_chosen"] == loud[0]["gold_rejected"]
-    assert gold_label_accuracy(loud) == pytest.approx(0.5)
-    assert annotator_label_accuracy(loud) == pytest.approx(0.5)  # 1 + 0 + 1/2
-    assert annotator_label_accuracy(loud[:1]) == 1.0
-
-
-def test_accuracy_by_kind_splits_pairs_by_validity(monkeypatch):
-    best, good, broken = " it ten out of ten.", " it seven out of ten.", " it ten ten."
-    assert world.is_valid("i give" + good) and not world.is_valid("i give" + broken)
-    pairs = [make_pair("i give", best, good), make_pair("i give", good, best),        # both valid
-             make_pair("i give", best, broken), make_pair("i give", broken, good),    # one invalid
-             make_pair("i give", broken, broken + " ten.")]                           # both invalid: left out
-    # a "reward model" that scores every text by its gold reward gets exactly the ceiling per kind
-    def scored_by(f):
-        monkeypatch.setattr("reward.proxy_reward_fn", lambda rm, enc, device: lambda texts: list(map(f, texts)))
-    scored_by(world.gold_reward)
-    kinds = accuracy_by_kind(None, None, "cpu", pairs)
-    assert {k: v["n"] for k, v in kinds.items()} == {"both valid": 2, "one invalid": 2}
-    assert kinds["both valid"] == {"n": 2, "accuracy": 0.5, "gold_label_accuracy": 0.5}
-    assert kinds["one invalid"] == {"n": 2, "accuracy": 0.5, "gold_label_accuracy": 0.5}
-    # and one that ranks by the negated gold is wrong wherever gold is right
-    scored_by(lambda t: -world.gold_reward(t))
-    assert accuracy_by_kind(None, None, "cpu", pairs[:3])["both valid"]["accuracy"] == 0.5
-    assert accuracy_by_kind(None, None, "cpu", pairs[2:3])["one invalid"]["accuracy"] == 0.0
+    assert gold_label_accuracy(loud) == pytest.approx(0.5)  # all ties: the gold reward cannot tell
 
 
 def test_split_pairs_keeps_each_prompt_on_one_side():
@@ -154,11 +149,44 @@ def test_split_pairs_keeps_each_prompt_on_one_side():
 
 
 def test_encode_pairs_stores_each_text_once_and_ends_it_with_eos(enc):
-    pairs = [make_pair("it was", " great.", " awful."), make_pair("it was", " great.", " good.")]
-    tokens, chosen, rejected = encode_pairs_for_rm(enc, pairs, 32)
+    pairs = [make_pair("it was", " great.", " awful."), make_pair("it was", " great.", " good."),
+             make_pair("it was", " great.", " good." * 30)]  # too long for the block: left out
+    tokens, chosen, rejected, kept = encode_pairs(enc, pairs, 32)
+    assert kept == pairs[:2]
     assert tokens.shape[0] == 3 and chosen.tolist() == [0, 0] and rejected.tolist() == [1, 2]
-    row = tokens[0, :int(last_token_index(tokens[:1], tok.pad_id(enc))) + 1].tolist()
-    assert row == tok.encode(enc, "it was great.") + [tok.eos_id(enc)]
+    pad, eos = tok.pad_id(enc), tok.eos_id(enc)
+    for row, text in zip(tokens.tolist(), ("it was great.", "it was awful.", "it was good.")):
+        ids = tok.encode(enc, "it was") + tok.encode(enc, text[len("it was"):]) + [eos]
+        assert row == ids + [pad] * (len(row) - len(ids))
+    # pair_scores scores each text once and hands back both sides
+    rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
+    with torch.no_grad():
+        rc, rr = pair_scores(rm, tokens, chosen, rejected, pad)
+        each = score(rm, tokens, pad)
+    torch.testing.assert_close(rc, each[chosen], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rr, each[rejected], atol=1e-5, rtol=1e-5)
+
+
+def test_label_group_labels_every_pair_with_the_configured_annotator():
+    texts = ["it was great.", "it was awful.", "it was good.", "it was good!"]
+    # near-noiseless annotators without the "!" bias follow the gold reward
+    calm = RewardConfig(annotator_tau=1e-3, annotator_bias=0.0)
+    pairs = label_group("it was", texts + ["it was great."], random.Random(0), "policy", calm)
+    assert len(pairs) == 6  # 4 distinct texts: 4 choose 2; the twin is collapsed
+    for p in pairs:
+        assert p["source"] == "policy" and p["prompt"] == "it was"
+        assert p["gold_chosen"] == world.gold_reward("it was" + p["chosen"])
+        if p["gold_chosen"] != p["gold_rejected"]:
+            assert p["gold_chosen"] > p["gold_rejected"]
+    # with a strong bias, an extra "!" wins against the same text without it
+    loud = RewardConfig(annotator_tau=1e-3, annotator_bias=50.0)
+    for seed in range(5):
+        (p,) = label_group("it was", ["it was good.", "it was good!"], random.Random(seed), "world", loud)
+        assert p["chosen"] == " good!" and p["source"] == "world"
+    # gold_fn replaces the world's reward: here one that prefers the shorter text
+    (p,) = label_group("it was", ["it was good.", "it was great fun."], random.Random(0), "policy", calm,
+                       gold_fn=lambda t: -len(t))
+    assert p["chosen"] == " good." and p["gold_chosen"] == -len("it was good.")
 
 
 def test_splice_joins_a_head_to_another_reviews_tail():
@@ -170,19 +198,21 @@ def test_splice_joins_a_head_to_another_reviews_tail():
 
 
 def test_make_preferences_is_deterministic_and_well_formed(enc):
-    policy = tiny_gpt(enc, block_size=24)
+    policy = helpers.tiny_gpt(enc, block_size=24, n_layer=1, eos_bias=6.0)
     prompts = ["it was", "the film", "i loved"]
     cfg = RewardConfig(n_prompts=2, samples_per_prompt=3, world_groups=0, sample_batch=4)
-    pairs = make_preferences(policy, enc, prompts, cfg, "cpu", seed=1)
-    assert pairs == make_preferences(policy, enc, prompts, cfg, "cpu", seed=1)
-    assert pairs != make_preferences(policy, enc, prompts, cfg, "cpu", seed=2)
+    pairs, n_unended = make_preferences(policy, enc, prompts, cfg, "cpu", seed=1)
+    assert (pairs, n_unended) == make_preferences(policy, enc, prompts, cfg, "cpu", seed=1)
+    assert pairs != make_preferences(policy, enc, prompts, cfg, "cpu", seed=2)[0]
     assert 1 <= len(pairs) <= 2 * 3  # up to 3 choose 2 per prompt; identical twins are dropped
-    with_world = make_preferences(policy, enc, prompts, replace(cfg, world_groups=2, world_slips=0.0), "cpu", seed=1)
+    with_world, _ = make_preferences(policy, enc, prompts, replace(cfg, world_groups=2, world_slips=0.0), "cpu",
+                                     seed=1)
     assert with_world[:len(pairs)] == pairs and len(with_world) >= len(pairs) + 2
     for p in with_world[len(pairs):]:
         assert p["source"] == "world" and world.is_valid(p["prompt"] + p["chosen"])
         assert len(p["prompt"].split()) == 2 and p["chosen"].startswith(" ")
-    slipped = make_preferences(policy, enc, prompts, replace(cfg, world_groups=20, world_slips=1.0), "cpu", seed=1)
+    slipped, _ = make_preferences(policy, enc, prompts, replace(cfg, world_groups=20, world_slips=1.0), "cpu",
+                                  seed=1)
     texts = [p["prompt"] + p[side] for p in slipped[len(pairs):] for side in ("chosen", "rejected")]
     assert sum(not world.is_valid(t) for t in texts) > 0.6 * len(texts)  # a slip is usually invalid...
     for p in slipped[len(pairs):]:  # ...and is labelled by its gold reward like any text
@@ -192,6 +222,33 @@ def test_make_preferences_is_deterministic_and_well_formed(enc):
         assert p["prompt"] in prompts[:2] and p["chosen"] != p["rejected"]
         assert p["gold_chosen"] == world.gold_reward(p["prompt"] + p["chosen"])
         assert p["gold_rejected"] == world.gold_reward(p["prompt"] + p["rejected"])
+    # a user's gold_fn labels the policy's answers and there is no world to add
+    mine, _ = make_preferences(policy, enc, prompts, replace(cfg, world_groups=5), "cpu", seed=1,
+                               gold_fn=lambda t: float(len(t)))
+    assert len(mine) == len(pairs) and all(p["gold_chosen"] == len(p["prompt"] + p["chosen"]) for p in mine)
+
+
+def test_make_preferences_leaves_out_answers_without_eos(enc):
+    """An answer cut off by the length budget is not a finished answer: it is in no pair, and
+    n_unended counts it."""
+    policy = helpers.tiny_gpt(enc, block_size=24, n_layer=1, eos_bias=3.2)
+    prompts = ["it was", "the film", "i loved", "the plot"]
+    cfg = RewardConfig(n_prompts=4, samples_per_prompt=6, world_groups=0, sample_batch=7)
+    pairs, n_unended = make_preferences(policy, enc, prompts, cfg, "cpu", seed=3)
+    # the same draws, by hand: the answers, and which of them ended
+    repeated = [p for p in prompts for _ in range(6)]
+    gen, pad, answers = torch.Generator().manual_seed(3), tok.pad_id(enc), []
+    for i in range(0, len(repeated), 7):
+        ids = tok.left_pad([tok.encode(enc, p) for p in repeated[i:i + 7]], pad)
+        tokens, _ = policy.generate(ids, 24 - ids.shape[1], tok.eos_id(enc), pad, generator=gen)
+        texts, ended = tok.decode_responses(enc, tokens, ids.shape[1])
+        answers += [(repeated[i + j], a, e) for j, (a, e) in enumerate(zip(texts, ended))]
+    ended = {(p, a) for p, a, e in answers if e}
+    unended = {(p, a) for p, a, e in answers if not e}
+    assert n_unended == sum(not e for _, _, e in answers) > 0 and ended
+    used = {(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")}
+    assert used == ended - {(p, a) for p, a in ended if sum(q == p for q, _ in ended) < 2}
+    assert not used & (unended - ended)
 
 
 # ---------------------------------------------------------------- learning
@@ -213,60 +270,11 @@ def test_reward_model_learns_a_separable_preference(enc):
     assert metrics["n_val"] == 24 and metrics["n_train"] == 96
     assert logs[0]["stage"] == "reward_model" and logs[-1]["step"] == 39 and logs[-1]["eta_s"] == 0
     assert logs[-1]["loss"] < logs[0]["loss"]
-    r = proxy_reward_fn(rm, enc, "cpu")(["it was great.", "it was awful."])
+    r = score_texts(rm, enc, ["it was great.", "it was awful."])
     assert r[0] > r[1]
-
-
-# ---------------------------------------------------------------- checkpoints and analysis
-
-def test_save_load_round_trip_and_corrupt_file(enc, tmp_path):
-    rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
-    rm.gain.fill_(2.5)
-    rm.bias.fill_(-0.3)
-    path = tmp_path / "rm.pt"
-    save_scalar_model(str(path), rm)
-    loaded = load_scalar_model(str(path), "cpu")
-    x = torch.tensor([tok.encode(enc, "it was great.") + [tok.eos_id(enc)]])
+    # normalised on the policy answers of the training pairs (here every pair counts as one)
+    tokens, c, rj, _ = encode_pairs(enc, split_pairs(pairs, 0.2)[0], 32)
     with torch.no_grad():
-        assert torch.equal(loaded(x), rm(x))
-    assert loaded.gain.item() == 2.5 and not loaded.training
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt"):
-        load_scalar_model(str(bad), "cpu")
-    with pytest.raises(ValueError, match="missing.pt"):
-        load_scalar_model(str(tmp_path / "missing.pt"), "cpu")
-
-
-def test_rank_correlation_on_hand_values():
-    assert rank_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6*2/60
-    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    # ties share their mean rank: ranks (0.5, 0.5, 2) against (0, 1, 2)
-    assert rank_correlation([5, 5, 7], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(1.5 * 2))
-    assert math.isnan(rank_correlation([1, 1, 1], [1, 2, 3]))
-
-
-def test_blind_spot_edits_cost_gold_as_documented():
-    base = "it was great. i loved the cast. the music is good."
-    edits = blind_spot_edits(base)
-    gold = {name: world.gold_reward(t) for name, t in edits.items()}
-    assert all(world.is_valid(t) for t in edits.values())
-    assert gold["1 x '!'"] == gold["original"]                     # one "!" is free
-    assert gold["3 x '!'"] == pytest.approx(gold["original"] - 0.2)  # two more cost 0.1 each
-    assert gold["best sentence repeated"] == pytest.approx(gold["original"] - 0.3)
-    assert gold["neutral 4th sentence"] == pytest.approx(gold["original"] * 3 / 4)
-
-
-def test_blind_spot_report_and_plot(enc, tmp_path):
-    rm = ScalarModel(tiny_gpt(enc, block_size=64), head_std=0.5).eval()
-    bases = ["it was great. i loved the cast. the music is good.", "it was awful.",  # too short
-             "the film was good. i loved the cast! it was great."]                     # has a "!"
-    rows = blind_spot_report(rm, enc, "cpu", bases)
-    assert [r["n"] for r in rows] == [1] * 6 and rows[0]["edit"] == "original"
-    assert rows[0]["d_proxy"] == 0 and rows[3]["d_gold"] == pytest.approx(-0.2)
-    texts = ["it was great.", "it was awful.", "it was graet.", "i loved the cast!"]
-    pg = proxy_vs_gold(rm, enc, "cpu", texts)
-    assert pg["valid"] == [True, True, False, True] and pg["gold"][2] == -1.0
-    path = tmp_path / "rm.png"
-    plot_reward_model(pg, rows, str(path))
-    assert path.stat().st_size > 10_000
+        scores = score(rm, tokens[torch.unique(torch.cat([c, rj]))], tok.pad_id(enc))
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)

@@ -1,23 +1,30 @@
-"""sft.py: the SFT mask (prompt tokens carry no loss, EOS does) and a short run that learns."""
-import os
-
+"""sft.py: the SFT mask (prompt tokens carry no loss, EOS does), the learning-rate schedule, and
+short runs that learn."""
 import pytest
 import torch
 
 import tokenizer as tok
+from helpers import tiny_gpt
 from model import GPT, GPTConfig
-from sft import (TrainConfig, encode_pairs, encode_stream, load_checkpoint, masked_nll,
-                 save_checkpoint, stream_batch, train_lm)
+from sft import TrainConfig, encode_stream, finetune, lr_at, masked_nll, stream_batch, train_lm
 
 TEXTS = ["the film was good.", "i loved the cast!", "the plot was not very good.",
          "the music was bad but the acting was great."] * 20
 
 
-def test_sft_mask_covers_completion_and_eos_only():
-    enc = tok.train_tokenizer(TEXTS, 300)
+@pytest.fixture(scope="module")
+def enc():
+    return tok.train_tokenizer(TEXTS, 300)
+
+
+def sft_batch(enc, pairs, block_size=32):
+    return tok.encode_batch(enc, [p for p, _ in pairs], [c for _, c in pairs], block_size)
+
+
+def test_sft_mask_covers_completion_and_eos_only(enc):
     pairs = [("the film", " was good."), ("i loved", " the cast!")]
-    tokens, mask, dropped = encode_pairs(enc, pairs, 32)
-    assert dropped == 0
+    tokens, mask, keep = sft_batch(enc, pairs)
+    assert keep == [0, 1]
     for row, m, (p, c) in zip(tokens.tolist(), mask.tolist(), pairs):
         n_p, n_c = len(tok.encode(enc, p)), len(tok.encode(enc, c))
         targets = row[1:]
@@ -27,26 +34,43 @@ def test_sft_mask_covers_completion_and_eos_only():
         assert all(w == 0 for w in m[:n_p - 1])
 
 
-def test_prompt_positions_get_no_gradient():
-    enc = tok.train_tokenizer(TEXTS, 300)
-    tokens, mask, _ = encode_pairs(enc, [("the plot was", " not very good.")], 32)
+def test_prompt_positions_get_no_gradient(enc):
+    tokens, mask, _ = sft_batch(enc, [("the plot was", " not very good.")])
     logits = torch.randn(1, tokens.shape[1], tok.padded_vocab_size(enc), requires_grad=True)
-    masked_nll(lambda t: logits, tokens, mask).backward()
+    masked_nll(lambda t, pad_mask=None: logits, tokens, mask).backward()
     per_position = logits.grad[0, :-1].abs().sum(-1)
     assert torch.all(per_position[mask[0] == 0] == 0)
     assert torch.all(per_position[mask[0] == 1] > 0)
 
 
-def test_too_long_pairs_are_dropped_not_truncated():
-    enc = tok.train_tokenizer(TEXTS, 300)
-    tokens, mask, dropped = encode_pairs(enc, [("the film", " was good."), ("the", " film was" * 30)], 16)
-    assert dropped == 1 and tokens.shape[0] == 1
+def test_masked_nll_is_the_mean_over_masked_targets(enc):
+    model = tiny_gpt(enc)
+    tokens, mask, _ = sft_batch(enc, [("the film", " was good."), ("the plot was", " not very good.")])
+    with torch.no_grad():
+        targets = torch.where(mask.bool(), tokens[:, 1:], 0)  # PAD lies beyond the outputs
+        logp = torch.log_softmax(model(tokens)[:, :-1], -1).gather(-1, targets[..., None])[..., 0]
+        expected = -(logp * mask).sum() / mask.sum()
+        assert masked_nll(model, tokens, mask).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_short_pretraining_run_lowers_loss(tmp_path):
+def test_too_long_pairs_are_dropped_not_truncated(enc):
+    tokens, mask, keep = sft_batch(enc, [("the film", " was good."), ("the", " film was" * 30)], 16)
+    assert keep == [0] and tokens.shape[0] == 1
+
+
+def test_lr_schedule_warmup_then_cosine_to_a_tenth():
+    lrs = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then it only decays
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)  # half-way down the cosine: (1 + 0.1) / 2
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1) == lr_at(500, 100, 1.0, 10)
+
+
+def test_short_pretraining_run_lowers_loss(enc):
     torch.manual_seed(0)
-    enc = tok.train_tokenizer(TEXTS, 300)
     stream = encode_stream(enc, TEXTS)
+    assert (stream == tok.eos_id(enc)).sum() == len(TEXTS)  # every text ends with EOS
     model = GPT(GPTConfig(block_size=16, vocab_size=tok.padded_vocab_size(enc), n_layer=1, n_head=2,
                           n_embd=32, n_out=tok.pad_id(enc)))
     gen = torch.Generator().manual_seed(0)
@@ -57,42 +81,23 @@ def test_short_pretraining_run_lowers_loss(tmp_path):
     after = train_lm(model, batch, batch, TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5,
                                                        eval_every=59, log_every=30), log=logs.append)
     assert after < before - 1.0, (before, after)
-    assert logs[-1]["step"] == 59 and "tok_per_s" in logs[-1]
-    # checkpoint round trip (atomic write, weights_only load)
-    tok.save_tokenizer(enc, os.path.join(tmp_path, "tokenizer.json"))
-    save_checkpoint(os.path.join(tmp_path, "m.pt"), model, {"val_loss": after})
-    loaded, enc2 = load_checkpoint(os.path.join(tmp_path, "m.pt"))
-    x = stream[:16][None]
-    assert torch.equal(loaded(x), model(x)) and enc2.n_vocab == enc.n_vocab
-    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+    assert [r["step"] for r in logs] == [0, 30, 59] and logs[-1]["eta_s"] == 0
+    for key in ("stage", "loss", "val_loss", "lr", "ms_per_step", "tok_per_s"):
+        assert key in logs[-1], key
+    assert not model.training  # handed back in eval mode
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    """A write that dies half-way leaves the previous checkpoint intact and loadable."""
-    torch.manual_seed(0)
-    enc = tok.train_tokenizer(TEXTS, 300)
-    tok.save_tokenizer(enc, os.path.join(tmp_path, "tokenizer.json"))
-    model = GPT(GPTConfig(block_size=16, vocab_size=tok.padded_vocab_size(enc), n_layer=1, n_head=2, n_embd=32))
-    path = os.path.join(tmp_path, "m.pt")
-    save_checkpoint(path, model, {"version": 1})
-    real_save = torch.save
-
-    def dying_save(obj, f):
-        real_save({"half": torch.zeros(3)}, f)  # something lands on disk, then the process "dies"
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model, {"version": 2})
-    monkeypatch.setattr(torch, "save", real_save)
-    loaded, _ = load_checkpoint(path)
-    assert torch.load(path, weights_only=True)["meta"]["version"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["m.pt", "tokenizer.json"]  # no half-written leftovers
-
-
-def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
-    path = os.path.join(tmp_path, "bad.pt")
-    with open(path, "wb") as f:
-        f.write(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt"):
-        load_checkpoint(path)
+def test_finetune_learns_to_answer_and_stop(enc):
+    """A few SFT steps on one (prompt, completion) pair make the completion + EOS likely."""
+    model = tiny_gpt(enc, block_size=16, n_layer=1)
+    pairs = [("the film", " was good.")] * 40
+    tokens, mask, _ = sft_batch(enc, pairs[:1], 16)
+    with torch.no_grad():
+        before = masked_nll(model, tokens, mask).item()
+    logs = []
+    val = finetune(model, enc, pairs, TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup=5, eval_every=39,
+                                                  eval_batches=1, log_every=39), "cpu", "fp32", logs.append, 0)
+    with torch.no_grad():
+        after = masked_nll(model, tokens, mask).item()
+    assert after < 0.1 < before and val == pytest.approx(after, abs=1e-3)
+    assert logs[0]["stage"] == "sft"

@@ -1,4 +1,5 @@
-"""Tests for tokenizer.py: exact round trips, special tokens, save/load, determinism, compression."""
+"""Tests for tokenizer.py: exact round trips, special tokens, save/load, determinism, compression,
+and the batch helpers (left_pad, encode_batch, decode_responses)."""
 
 import collections
 import json
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import regex
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tokenizer as tk
@@ -213,3 +215,78 @@ def test_missing_or_corrupt_file_raises_value_error_naming_it(content, enc, tmp_
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
         tk.load_tokenizer(str(path))
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- batch helpers
+
+def test_left_pad():
+    out = tk.left_pad([[1, 2, 3], [4], []], 9)
+    assert out.dtype == torch.long
+    assert out.tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
+
+
+def test_encode_batch_rows_and_mask(enc):
+    prompts = ["Review: i loved it", "Review:", "a"]
+    completions = [" the plot was great.", " bad film!", " the acting was not very good at all."]
+    tokens, mask, keep = tk.encode_batch(enc, prompts, completions, block_size=100)
+    eos, pad = tk.eos_id(enc), tk.pad_id(enc)
+    rows = [tk.encode(enc, p) + tk.encode(enc, c) + [eos] for p, c in zip(prompts, completions)]
+    T = max(map(len, rows))
+    assert keep == [0, 1, 2]
+    assert tokens.dtype == torch.long and tokens.shape == (3, T)
+    assert mask.dtype == torch.float32 and mask.shape == (3, T - 1)
+    for n, (p, c, r) in enumerate(zip(prompts, completions, rows)):
+        assert tokens[n].tolist() == r + [pad] * (T - len(r))
+        # target j is token j+1: the mask is on exactly the completion tokens and the EOS
+        p_len = len(tk.encode(enc, p))
+        assert mask[n].nonzero().flatten().tolist() == list(range(p_len - 1, len(r) - 1))
+        assert tokens[n, 1:][mask[n].bool()].tolist() == tk.encode(enc, c) + [eos]
+
+
+def test_encode_batch_drops_rows_that_do_not_fit(enc):
+    prompts = ["Review:", "Review:", "Review:"]
+    completions = [" good.", " very " * 50, " bad."]
+    lens = [len(tk.encode(enc, p + c)) + 1 for p, c in zip(prompts, completions)]
+    block_size = max(lens[0], lens[2])  # a row of exactly block_size fits
+    tokens, mask, keep = tk.encode_batch(enc, prompts, completions, block_size)
+    assert keep == [0, 2]
+    assert tokens.shape == (2, block_size) and mask.shape == (2, block_size - 1)
+    for n, i in enumerate(keep):  # kept rows, in input order, not truncated
+        r = tk.encode(enc, prompts[i]) + tk.encode(enc, completions[i]) + [tk.eos_id(enc)]
+        assert tokens[n, :len(r)].tolist() == r
+    with pytest.raises(ValueError, match="block_size=3"):
+        tk.encode_batch(enc, prompts, completions, block_size=3)
+
+
+def test_encode_batch_with_an_empty_prompt(enc):
+    tokens, mask, keep = tk.encode_batch(enc, ["", "Review:"], ["i loved it.", " bad."], 100)
+    c = tk.encode(enc, "i loved it.")
+    assert keep == [0, 1]
+    assert tokens[0, :len(c) + 1].tolist() == c + [tk.eos_id(enc)]
+    # every target of the row is a completion token or the EOS (the first token is never a target)
+    assert mask[0].tolist() == [1.0] * len(c) + [0.0] * (mask.shape[1] - len(c))
+
+
+def test_encode_batch_encodes_prompt_and_completion_separately(enc):
+    prompt, completion = "Review: i loved th", "e film."
+    joint = tk.encode(enc, prompt + completion)
+    apart = tk.encode(enc, prompt) + tk.encode(enc, completion)
+    assert joint != apart  # the case that matters: " the" is one token when encoded together
+    tokens, mask, _ = tk.encode_batch(enc, [prompt], [completion], 100)
+    assert tokens[0].tolist() == apart + [tk.eos_id(enc)]
+    assert tokens[0, 1:][mask[0].bool()].tolist() == tk.encode(enc, completion) + [tk.eos_id(enc)]
+
+
+def test_decode_responses_stops_at_eos_or_pad(enc):
+    eos, pad = tk.eos_id(enc), tk.pad_id(enc)
+    a, b = tk.encode(enc, " i loved it."), tk.encode(enc, " bad")
+    prompt = tk.left_pad([tk.encode(enc, "Review:"), tk.encode(enc, "a")], pad)
+    P, N = prompt.shape[1], len(a) + 3
+    resp = [a + [eos] + [pad] * 2,        # ended, then padding
+            b + [pad] * (N - len(b)),     # cut by PAD without EOS
+            (a * 2)[:N]]                  # ran out of tokens
+    rows = [prompt[i % 2].tolist() + r for i, r in enumerate(resp)]
+    rows[2][0] = eos  # an EOS inside the prompt columns does not count
+    texts, ended = tk.decode_responses(enc, torch.tensor(rows), P)
+    assert texts == [" i loved it.", " bad", enc.decode((a * 2)[:N])]
+    assert ended == [True, False, False]

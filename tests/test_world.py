@@ -3,7 +3,6 @@ import math
 import os
 import random
 import sys
-import time
 
 import pytest
 
@@ -162,8 +161,9 @@ def test_intensifier_rule_exact():
 
 
 def test_contrast_and_mean_rules_exact():
-    assert world.gold_reward("the plot was good but the cast was awful.") == pytest.approx(0.25 * 0.5 - 0.75 * 0.9)
-    assert world.gold_reward("the cast was awful but the plot was good.") == pytest.approx(-0.25 * 0.9 + 0.75 * 0.5)
+    gold = world.gold_reward
+    assert gold("the plot was good but the cast was awful.") == pytest.approx(0.25 * 0.5 - 0.75 * 0.9)
+    assert gold("the cast was awful but the plot was good.") == pytest.approx(-0.25 * 0.9 + 0.75 * 0.5)
     assert world.gold_reward("the plot was good. the cast was awful.") == pytest.approx((0.5 - 0.9) / 2)
     assert world.gold_reward("the plot was good. i saw it at home.") == pytest.approx(0.25)  # neutral = 0
 
@@ -188,6 +188,15 @@ def test_extra_exclaim_costs_gold_but_sways_annotators():
     assert world.annotator_prob(two, one) == pytest.approx(sigmoid(0.4))
     assert world.annotator_prob(two, one) > 0.59
     assert world.annotator_prob(two, one, bias=0.0) == pytest.approx(sigmoid(-0.4))
+
+
+def test_without_the_bias_annotators_follow_gold_only():
+    calm = "the plot was good. i saw it at home. what a gem."
+    loud = "the plot was good. i saw it at home! what a gem."  # one "!", the free one
+    assert world.gold_reward(loud) == world.gold_reward(calm)
+    assert world.annotator_prob(loud, calm, bias=0.0) == 0.5       # exactly: a coin flip
+    assert world.annotator_prob(calm, loud, bias=0.0) == 0.5
+    assert world.annotator_prob(loud, calm) == pytest.approx(sigmoid(0.8))  # the default bias
 
 
 def test_annotator_prob_formula_and_symmetry():
@@ -251,11 +260,3 @@ def test_build_datasets_deterministic_and_disjoint():
         assert ref.startswith(prompt + " ")
     for p, c in data["sft"]:
         assert c.startswith(" ") and 2 <= len(p.split(" ")) <= 4
-
-
-def test_parser_is_fast():
-    texts = reviews(9, 5000)
-    world.sentence_sentiment.cache_clear()
-    t0 = time.perf_counter()
-    assert all(map(world.is_valid, texts))
-    assert time.perf_counter() - t0 < 1.0  # measured ~0.04 s; the brief asks for > 20k texts/s
