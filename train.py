@@ -89,14 +89,10 @@ def fail(msg):
     sys.exit(2)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints the whole usage first
-        fail(f"{message} (see --help)")
-
-
 def parse_args(argv=None):
     """The flags of Args, each one checked: a bad value stops the run with one line naming it."""
-    parser = OneLineParser(description="leash: KL-penalised RLHF from scratch")
+    parser = argparse.ArgumentParser(description="leash: KL-penalised RLHF from scratch")
+    parser.error = lambda message: fail(f"{message} (see --help)")  # not argparse's usage dump
     for f in fields(Args):
         choices, default = f.metadata["choices"], "" if f.default is None else f" [{f.default}]"
         help = (" | ".join(choices) + ": " if choices else "") + f.metadata["help"] + default

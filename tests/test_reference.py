@@ -36,6 +36,7 @@ def test_reference_unchanged_by_a_ppo_step_on_the_policy():
     frozen from it, even when the policy is a `trainable` copy of the same model."""
     sft = small_model(3).eval()
     ref, policy = freeze(sft), trainable(sft)
+    ref_of_policy = freeze(policy)  # frozen from the very model that trains
     critic = trainable(ScalarModel(sft))
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     torch.manual_seed(0)
@@ -53,6 +54,7 @@ def test_reference_unchanged_by_a_ppo_step_on_the_policy():
     assert any(not torch.equal(p, sft.state_dict()[k]) for k, p in policy.state_dict().items())
     for k, v in ref.state_dict().items():
         assert torch.equal(v, before[k]), k
+        assert torch.equal(ref_of_policy.state_dict()[k], before[k]), k
     assert all(not p.requires_grad for p in ref.parameters()) and not ref.training
 
 

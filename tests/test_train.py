@@ -23,7 +23,7 @@ STAGES = ("tokenizer", "pretrain", "sft", "reward_model", "ppo", "dpo")
 def run(out, flags, preset="tiny"):
     """flags: more train.py arguments (--dtype comes from `pytest --dtype`; see conftest.py)."""
     r = subprocess.run([sys.executable, "train.py", "--preset", preset, "--device", "cpu", "--out", out, *flags],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
