@@ -152,7 +152,7 @@ class GPT(nn.Module):
             out_tokens.append(torch.where(done, pad_id, tok))
             out_logp.append(torch.where(done, 0.0, logprobs.gather(1, tok[:, None])[:, 0]))
             done = done | (tok == eos_id)
-            if step % 8 == 7 and bool(done.all()):  # a host sync: only every 8 steps
+            if step == max_new_tokens - 1 or (step % 8 == 7 and bool(done.all())):  # a sync every 8 steps
                 break
             h = self.trunk(tok[:, None], cache=cache, pos=pos[:, -1:] + step + 1,
                            attn_mask=key_mask[:, None, None, :P + step + 1])[:, -1]

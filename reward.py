@@ -209,6 +209,8 @@ def normalize(rm, tokens, pad_id):
 @torch.no_grad()
 def score_texts(rm, enc, texts, chunk=256):
     """Proxy rewards (list of floats) of full texts, each encoded with EOS and read there."""
+    if not texts:
+        return []
     tokens, _, keep = tok.encode_batch(enc, [""] * len(texts), texts, rm.gpt.cfg.block_size)
     if len(keep) != len(texts):
         raise ValueError(f"{len(texts) - len(keep)} texts do not fit in block_size")
