@@ -28,8 +28,15 @@ Sections (--only takes their keys):
                other         the update minus those parts: its statistics (exact KL, entropy,
                              the texts' gold reward), the controller (median of per-round
                              differences)
+  grpo       a GRPO update (ppo.rollout without a critic, grpo.group_advantages, grpo.optimise)
+             against a PPO update at the issue's setting, taking turns: GRPO / PPO per round
   dpo        dpo.train_dpo's step written out (sequence_logps, dpo_loss + the NLL term, AdamW),
              with the reference precomputed (as train_dpo) and with its forward at every step
+  dpo-online whole steps of dpo.train_online_dpo in a steady state (timestamps from its log
+             callback): 2 answers to each of the preset's DPO batch of prompts, judged by
+             dpo.reward_model_judge, one DPO step; its policy (EndingGPT, written here) raises its
+             EOS logit so that answers end and pairs are kept. Per judge call: the step / answers
+             judged; the judge alone: reward_model_judge on full-length answers, after each step
   attention  forward + backward of a PPO minibatch with GPTConfig(fused_attention=False / True)
   adam       an optimiser step over policy + critic: model.adamw (fused) against
              torch.optim.AdamW's for-loop and foreach versions, and whole ppo.optimise calls
@@ -62,6 +69,7 @@ from contextlib import nullcontext
 import torch
 
 import dpo
+import grpo
 import kl
 import ppo
 import report
@@ -424,6 +432,39 @@ def ppo_rows(s):
     return bench
 
 
+def grpo_rows(s):
+    """GRPO's update against PPO's, taking turns round by round: the same model, rollouts (8 prompts x 8
+    answers for GRPO), epochs and minibatches; GRPO has no critic to run in the rollout or to train."""
+    def bench(device, dtype, run):
+        m = ppo_setup(s, device)
+        enc, pad, pcfg = m["enc"], tok.pad_id(m["enc"]), m["cfg"]
+        gcfg = grpo.GRPOConfig(rollouts=s["rollouts"], max_new_tokens=s["response"], epochs=pcfg.ppo_epochs,
+                               minibatch_size=s["minibatch"])
+        policy, prompts = trainable(m["ref"]), m["prompts"][:s["rollouts"] // gcfg.group_size]
+        group_prompts = [p for p in prompts for _ in range(gcfg.group_size)]
+        ppo_opt, grpo_opt = ppo_optimizer(m, device), adamw(policy.parameters(), device, gcfg.lr,
+                                                             betas=(0.9, 0.999), eps=1e-5)
+
+        def ppo_update():  # train_ppo's steps 1-4, without its figures
+            ro = ppo.rollout(m["policy"], m["ref"], m["critic"], m["score_fn"], enc, m["prompts"], pcfg,
+                             device, dtype)
+            ppo.optimise(m["policy"], m["critic"], ppo_batch(m, ro), ppo_opt, pcfg, pad, device, dtype)
+
+        def grpo_update():  # train_grpo's, the same way
+            ro = ppo.rollout(policy, m["ref"], None, m["score_fn"], enc, group_prompts, gcfg, device, dtype)
+            batch = dict(tokens=ro["tokens"], logp=ro["logp"], ref_logp=ro["ref_logp"], mask=ro["mask"],
+                         advantages=grpo.group_advantages(ro["scores"], gcfg.group_size))
+            grpo.optimise(policy, batch, grpo_opt, gcfg, gcfg.beta, pad, device, dtype)
+        rounds = take_turns({"ppo": ppo_update, "grpo": grpo_update}, device, *run["reps"])
+        ratio = statistics.median(g / p for g, p in zip(rounds["grpo"], rounds["ppo"]))
+        yield (f"GRPO against PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), "
+               f"{gcfg.epochs} epochs x {s['rollouts'] // s['minibatch']} minibatches"), "s per update", \
+            statistics.median(rounds["grpo"])
+        yield "  PPO, the same rounds", "s per update", statistics.median(rounds["ppo"])
+        yield "  GRPO / PPO, median of per-round ratios", "ratio", ratio
+    return bench
+
+
 def dpo_rows(s):
     def bench(device, dtype, run):
         T = s["prompt"] + s["response"]
@@ -466,6 +507,54 @@ def dpo_rows(s):
         yield "  the same, reference forward every step", "pairs/s", s["pairs"] / sec["every"]
         yield "  DPO MFU (reference fwd + policy fwd + bwd)", "%", \
             100 * 4 * fwd / sec["every"] / run["peak"][dtype]
+    return bench
+
+
+class EndingGPT(GPT):
+    """A GPT whose EOS logit is raised so that, with random weights, it stops with probability 1/16 at
+    each token: answers of ~16 tokens, nearly all ended within the preset's budget (online DPO skips a
+    pair with an unended answer; bench's other models never end one)."""
+
+    def __init__(self, cfg, eos_id):
+        super().__init__(cfg)
+        bias = torch.zeros(self.n_out)
+        bias[eos_id] = torch.tensor((self.n_out - 1) / 15).log()
+        self.register_buffer("eos_bias", bias)
+
+    def lm_head(self, h):
+        return super().lm_head(h) + self.eos_bias
+
+
+def online_dpo_rows(s):
+    def bench(device, dtype, run):
+        warmup, repeats = run["reps"]
+        enc, B, T = encoding(s["vocab"]), s["pairs"], s["prompt"] + s["response"]
+        cfg = GPTConfig(block_size=T, vocab_size=tok.padded_vocab_size(enc), n_layer=s["n_layer"],
+                        n_head=s["n_head"], n_embd=s["n_embd"], n_out=tok.pad_id(enc))  # EOS can be sampled
+        model, pad = EndingGPT(cfg, tok.eos_id(enc)).to(device), tok.pad_id(enc)
+        judge = dpo.reward_model_judge(freeze(ScalarModel(model, head_std=0.02).to(device)), pad)
+        dcfg = dpo.DPOConfig(online_steps=warmup + repeats, batch_size=B, max_new_tokens=s["response"],
+                             log_every=1, eval_every=10 ** 9)
+        full = torch.randint(model.n_out - 1, (2 * B, T), device=device)  # full-length answers, no EOS
+        seconds, kept, judging, start = [], [], [], [time.perf_counter()]
+
+        def log(rec):  # a step's end: its duration, then the judge alone, outside it
+            sync(device)
+            seconds.append(time.perf_counter() - start[0])
+            kept.append(1 - rec["skipped_share"])
+            with torch.no_grad(), autocast(device, dtype):
+                judging.append(timed(lambda: judge([""] * B, [""] * B, full[:B], full[B:], s["prompt"]),
+                                     device)[0])
+            start[0] = time.perf_counter()
+        dpo.train_online_dpo(trainable(model), freeze(model), enc, fixed_length_prompts(enc, B, s["prompt"]),
+                             judge, dcfg, device, dtype, log=log)
+        step = statistics.median(seconds[warmup:])
+        yield (f"online DPO {s['name']}, {B} prompts x 2 answers of {s['prompt']}+<={s['response']}, "
+               "reward-model judge", "judge calls/s", 2 * B / step)
+        yield "  s per step (dpo.train_online_dpo)", "s", step
+        yield "  ms per judge call (step / answers judged)", "ms", 1000 * step / (2 * B)
+        yield "  ms per judge call, the judge alone", "ms", 1000 * statistics.median(judging[warmup:]) / 2 / B
+        yield "  pairs kept (both ended, no tie)", "%", 100 * statistics.median(kept[warmup:])
     return bench
 
 
@@ -572,8 +661,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"],
                     help="bf16 means bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,sampling,ppo,dpo,"
-                                                 "attention,adam,ablation,compile")
+    ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,sampling,ppo,grpo,"
+                                                 "dpo,dpo-online,attention,adam,ablation,compile")
     args = ap.parse_args(argv)
     has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device = next(d for d in has if has[d]) if args.device == "auto" else args.device  # as train.py
@@ -595,8 +684,11 @@ def main(argv=None):
                 ("sampling", "sampling", bench_sampling, False),
                 ("ppo", "ppo issue", ppo_rows(ISSUE), True),
                 ("ppo", "ppo issue mb64", ppo_rows(dict(ISSUE, minibatch=64)), True),
-                ("ppo", "ppo preset", ppo_rows(p), True), ("dpo", "dpo issue", dpo_rows(ISSUE), True),
-                ("dpo", "dpo preset", dpo_rows(p), True), ("attention", "attention", bench_attention, True),
+                ("ppo", "ppo preset", ppo_rows(p), True), ("grpo", "grpo issue", grpo_rows(ISSUE), True),
+                ("dpo", "dpo issue", dpo_rows(ISSUE), True),
+                ("dpo", "dpo preset", dpo_rows(p), True),
+                ("dpo-online", "dpo-online preset", online_dpo_rows(p), True),
+                ("attention", "attention", bench_attention, True),
                 ("adam", "adam", bench_adam, True), ("ablation", "ablation", bench_ablation, True),
                 ("compile", "compile", bench_compile, True)]
     known = {key for key, *_ in sections}

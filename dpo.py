@@ -5,6 +5,8 @@ PPO maximises E_{y~pi}[r(x, y)] - beta * KL(pi || pi_ref), whose optimum is (Raf
 so every policy is optimal for r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + beta * log Z(x). In the
 Bradley-Terry likelihood of the labels Z cancels in chosen - rejected: fitting that reward to the
 preferences IS training the policy, supervised, on the reward model's pairs, against PPO's frozen reference.
+Offline (train_dpo) the pairs are the SFT policy's answers, labelled once; online (train_online_dpo, Guo et
+al. 2024, "Direct Language Model Alignment from Online AI Feedback"), the policy's own, judged as it learns.
 """
 import math
 import time
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 import tokenizer as tok
 from model import adamw, autocast
-from reference import token_logprobs
+from reference import response_mask, token_logprobs
+from reward import score
 from sft import lr_at
 
 
@@ -72,9 +75,9 @@ def flatten_pairs(tokens, mask):
     return torch.cat([tokens[:, 0], tokens[:, 1]])[:, :T], torch.cat([mask[:, 0], mask[:, 1]])[:, :T - 1]
 
 
-def sequence_logps(model, tokens, mask):
-    """(N,) fp32 summed log-probs of the masked (response) targets of right-padded rows (N, T)."""
-    return (token_logprobs(model, tokens) * mask).sum(1)
+def sequence_logps(model, tokens, mask, pad_id=None):
+    """(N,) fp32 summed log-probs of the masked (response) targets of rows (N, T); pad_id: left padding."""
+    return (token_logprobs(model, tokens, pad_id) * mask).sum(1)
 
 
 @torch.inference_mode()
@@ -99,13 +102,68 @@ class DPOConfig:
     sources: str = "policy"       # "policy" (the SFT policy's answers) or "all" (+ world reviews and slips)
     epochs: float = 1.0           # passes over the pairs...
     max_steps: int = 400          # ...but at most this many steps
-    batch_size: int = 32          # preference pairs per step (2x rows through the model)
+    batch_size: int = 32          # preference pairs per step (2x rows through the model); online: prompts
     lr: float = 2e-4              # AdamW, no weight decay (it pulls towards 0, not towards pi_ref)
     warmup: int = 10
     max_grad_norm: float = 1.0
     eval_every: int = 100         # steps between eval_fn calls (slow: it samples)
     log_every: int = 10
     seed: int = 0
+    online_steps: int = 80        # online: 32 prompts x 2 answers x 80 = PPO's 64 x 80 reward-model calls
+    sample_every: int = 1         # online: 1; k > 1: iterative DPO, k steps on the pairs sampled at the first
+    max_new_tokens: int = 0       # online answers' budget in tokens; 0: up to block_size
+
+
+def dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device="cpu", dtype="fp32", pad_id=None):
+    """One step on n pairs: tokens (2n, T), the chosen rows then the rejected ones (pad_id: left-padded), mask
+    (2n, T-1) on their responses, ref_logps (2n,) the reference's. loss = mean dpo_loss + sft_coef x NLL per
+    token of the chosen (RPO, Pang et al. 2024: keep them likely, not lost to unrated, often invalid text).
+    -> detached 0-d figures from before the step: loss, chosen_reward, rejected_reward, margin, accuracy..."""
+    n = len(tokens) // 2
+    with autocast(device, dtype):
+        logps = sequence_logps(policy, tokens, mask, pad_id)
+    n_tok = mask.sum(1)
+    lengths = (n_tok[:n], n_tok[n:]) if cfg.ipo_per_token else (None, None)
+    losses, r_w, r_l = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta, cfg.loss_type,
+                                cfg.label_smoothing, *lengths)
+    nll = -logps[:n].sum() / n_tok[:n].sum()  # of the chosen answers, per token
+    loss = losses.mean() + cfg.sft_coef * nll
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    opt.step()
+    return dict(loss=loss.detach(), chosen_reward=r_w.mean(), rejected_reward=r_l.mean(),
+                margin=(h := r_w - r_l).mean(), accuracy=(h > 0).float().mean(), chosen_nll=nll.detach())
+
+
+def dpo_loop(policy, stage, steps, next_batch, figures, cfg, device, dtype, log, eval_fn, pad_id=None):
+    """Offline and online DPO but for where pairs come from: `steps` dpo_steps on next_batch(step) -> (tokens,
+    mask, ref_logps) (no pair: no step, no figures), lr warmup then cosine. log(record) every log_every steps
+    and at each eval (every eval_every steps, the last): dpo_step's figures, lr, figures(step), eval_fn's
+    as eval_*. -> (records, the last eval dict, ranked: per step (accuracy before the step, pairs))."""
+    opt = adamw(policy.parameters(), device, cfg.lr)
+    records, last_eval, ranked, n_pairs, t0 = [], {}, [], 0, time.time()
+    for step in range(steps):
+        tokens, mask, ref_logps = next_batch(step)
+        n = len(tokens) // 2
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup)
+        stats = dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device, dtype, pad_id) if n else {}
+        ranked, n_pairs = ranked + [(stats.get("accuracy"), n)], n_pairs + n
+        evaluate = step == steps - 1 or (step + 1) % cfg.eval_every == 0
+        if step % cfg.log_every == 0 or evaluate:
+            elapsed, stats = time.time() - t0, {k: v.item() for k, v in stats.items()}
+            if n and not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"{stage}: loss became {stats['loss']} at step {step}")
+            rec = {"stage": stage, "step": step, **stats, "lr": opt.param_groups[0]["lr"], **figures(step),
+                   "pairs_per_s": n_pairs / elapsed, "eta_s": elapsed / (step + 1) * (steps - step - 1)}
+            if evaluate and eval_fn is not None:
+                mode, last_eval = policy.training, dict(eval_fn(policy.eval()))
+                rec.update({f"eval_{k}": v for k, v in last_eval.items()})
+                policy.train(mode)
+            records.append(rec)
+            log(rec)
+    return records, last_eval, ranked
 
 
 def implicit_accuracy(policy, tokens, mask, ref_logps, device="cpu", dtype="fp32"):
@@ -138,53 +196,105 @@ def train_dpo(policy, ref, enc, pairs, cfg: DPOConfig, device="cpu", dtype="fp32
     if val_pairs:
         val_tokens, val_mask, _ = encode_pairs(enc, val_pairs, policy.cfg.block_size)
         val = (val_tokens, val_mask, pair_logps(ref, val_tokens, val_mask, device, dtype))
-    opt = adamw(policy.parameters(), device, cfg.lr)
-    history, last_eval, order = {"records": []}, {}, torch.empty(0, dtype=torch.long)
-    policy.train()
-    t0 = time.time()
-    for step in range(steps):
-        while len(order) < B:  # shuffled epochs: every pair once before any pair twice
-            order = torch.cat([order, torch.randperm(len(tokens), generator=gen)])
-        idx, order = order[:B], order[B:]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup)
+    order = torch.cat([torch.randperm(len(tokens), generator=gen)  # epochs: every pair once, then again
+                       for _ in range(math.ceil(steps * B / len(tokens)))])
+
+    def next_batch(step):
+        idx = order[step * B:(step + 1) * B]
         t, m = (x.to(device) for x in flatten_pairs(tokens[idx], mask[idx]))
-        with autocast(device, dtype):
-            logps = sequence_logps(policy, t, m)
-        n_tok = m.sum(1)
-        lengths = (n_tok[:B], n_tok[B:]) if cfg.ipo_per_token else (None, None)
-        losses, r_w, r_l = dpo_loss(logps[:B], logps[B:], ref_logps[idx, 0], ref_logps[idx, 1], cfg.beta,
-                                    cfg.loss_type, cfg.label_smoothing, *lengths)
-        # RPO (Pang et al. 2024): keep the chosen answers likely, not lost to unrated, often invalid text
-        chosen_nll = -logps[:B].sum() / n_tok[:B].sum()
-        loss = losses.mean() + cfg.sft_coef * chosen_nll
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        opt.step()
-        evaluate = step == steps - 1 or (step + 1) % cfg.eval_every == 0
-        if step % cfg.log_every == 0 or evaluate:
-            elapsed, loss = time.time() - t0, loss.item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"dpo: loss became {loss} at step {step}")
-            rec = {"stage": "dpo", "step": step, "loss": loss, "chosen_reward": r_w.mean().item(),
-                   "rejected_reward": r_l.mean().item(), "margin": (r_w - r_l).mean().item(),
-                   "accuracy": (r_w > r_l).float().mean().item(), "chosen_nll": chosen_nll.item(),
-                   "lr": opt.param_groups[0]["lr"], "epoch": (step + 1) * B / n_all,
-                   "pairs_per_s": (step + 1) * B / elapsed,
-                   "eta_s": elapsed / (step + 1) * (steps - step - 1)}
-            if evaluate:
-                policy.eval()
-                if val_pairs and step == steps - 1:
-                    rec["val_accuracy"] = implicit_accuracy(policy, *val, device, dtype)
-                if eval_fn is not None:
-                    last_eval = dict(eval_fn(policy))
-                    rec.update({f"eval_{k}": v for k, v in last_eval.items()})
-                policy.train()
-            history["records"].append(rec)
-            log(rec)
-    policy.eval()
-    history.update(eval=last_eval, implicit_accuracy=history["records"][-1].get("val_accuracy"),
-                   seconds=time.time() - t_start, n_pairs=len(tokens), n_dropped=dropped,
-                   epochs=steps * B / n_all)
-    return policy, history
+        return t, m, torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])
+    figures = lambda step: {"epoch": (step + 1) * B / n_all, **({"val_accuracy": implicit_accuracy(
+        policy.eval(), *val, device, dtype)} if val_pairs and step == steps - 1 else {})}  # held out, at last
+    records, last_eval, _ = dpo_loop(policy.train(), "dpo", steps, next_batch, figures, cfg, device, dtype,
+                                     log, eval_fn)
+    return policy.eval(), dict(records=records, eval=last_eval, implicit_accuracy=records[-1].get(
+        "val_accuracy"), seconds=time.time() - t_start, n_pairs=len(tokens), n_dropped=dropped,
+        epochs=steps * B / n_all)
+
+
+# ----------------------------------------------------------------------------- online DPO
+
+def reward_model_judge(rm, pad_id):
+    """The default judge (train_online_dpo): the reward model PPO maximises; the higher reward.score wins."""
+    return lambda texts_a, texts_b, tokens_a, tokens_b, prompt_len: torch.sub(
+        *score(rm, torch.cat([tokens_a, tokens_b]), pad_id).view(2, -1))  # one forward: a's rows, then b's
+
+
+def label_pairs(pref, same, ended):
+    """Verdicts pref (B,) on pairs (a, b) = rows (i, B + i) of 2B answers, same (B,): identical answers, ended
+    (2B,) -> (pairs (n, 2): rows of each kept chosen, rejected; n_tie, n_unended). Skipped: a pair with an
+    answer cut off by the budget (not an answer), a tie (judge's, or identical: h = 0 whatever pi, no use)."""
+    pref = torch.as_tensor(pref).cpu()
+    pref = pref.float() * 2 - 1 if pref.dtype == torch.bool else pref.float()
+    a, B = torch.arange(len(pref)), len(pref)
+    unended = ~(ended[:B] & ended[B:]).cpu()
+    tie = ~unended & ((pref == 0) | same.cpu())
+    pairs = torch.stack([torch.where(pref > 0, a, a + B), torch.where(pref > 0, a + B, a)], 1)
+    return pairs[~(unended | tie)], int(tie.sum()), int(unended.sum())
+
+
+@torch.no_grad()
+def judged_pairs(policy, ref, judge, enc, prompts, cfg, device="cpu", dtype="fp32", generator=None,
+                 check=False):
+    """Two answers per prompt from `policy` (temperature 1, KV cache), judged, the usable kept (label_pairs)
+    -> dict: tokens (2n, T) prompt (left-padded) + answer + PAD, the chosen rows then the rejected; mask;
+    ref_logps (2n,) (a reference forward: new answers); n_tie; n_unended. check (pi = pi_ref): RuntimeError
+    unless sampled, recomputed and reference log-probs agree per token (ppo's update-0 checks)."""
+    pad, B = tok.pad_id(enc), len(prompts)
+    prompt = tok.left_pad([tok.encode(enc, p) for p in prompts] * 2, pad).to(device)  # rows i, B + i: i
+    P, block = prompt.shape[1], policy.cfg.block_size
+    with autocast(device, dtype, sampling=True):
+        tokens, gen_logp = policy.generate(prompt, min(cfg.max_new_tokens or block, block - P),
+                                           tok.eos_id(enc), pad, generator=generator)
+    answers, ended = tok.decode_responses(enc, tokens, P)
+    texts, mask = [p + a for p, a in zip(prompts * 2, answers)], response_mask(tokens, P, pad)
+    with autocast(device, dtype):
+        pref = judge(texts[:B], texts[B:], tokens[:B], tokens[B:], P)
+        ref_logp = token_logprobs(ref, tokens, pad)
+        logp = token_logprobs(policy, tokens, pad) if check else ref_logp
+    tol = 1e-4 if dtype == "fp32" and torch.device(device).type == "cpu" else 0.1
+    for what, x, y, m in (("sampled vs recomputed", gen_logp, logp[:, P - 1:], mask[:, P - 1:]),
+                          ("of the policy vs the reference", logp, ref_logp, mask)) if check else ():
+        if (diff := torch.where(m.bool(), x - y, 0.0).abs().max().item()) > tol:
+            raise RuntimeError(f"sanity check before any update: log-probs {what} differ by {diff:.2e}")
+    pairs, n_tie, n_unended = label_pairs(pref, (tokens[:B] == tokens[B:]).all(1), torch.tensor(ended))
+    rows = torch.cat([pairs[:, 0], pairs[:, 1]]).to(device)
+    T = int(mask[rows].sum(0).nonzero().max()) + 2 if len(rows) else 2  # cut the padding after the last EOS
+    return dict(tokens=tokens[rows, :T], mask=mask[rows, :T - 1], ref_logps=(ref_logp * mask).sum(1)[rows],
+                n_tie=n_tie, n_unended=n_unended)
+
+
+def train_online_dpo(policy, ref, enc, prompts, judge, cfg: DPOConfig, device="cpu", dtype="fp32", log=print,
+                     eval_fn=None):
+    """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): cfg.online_steps dpo_steps, each on batch_size
+    prompts answered twice by the policy as it is now, judged (judged_pairs); `ref`: the frozen reference.
+    judge(texts_a, texts_b, tokens_a, tokens_b, prompt_len) -> (B,) > 0 a wins, < 0 b, 0 tie (or bools, True:
+    a); texts: prompt + answer; tokens (B, T). Default reward_model_judge; the annotators fit as
+        lambda texts_a, texts_b, *_: [world.annotate(a, b, rng, tau, bias) for a, b in zip(texts_a, texts_b)]
+    sample_every k > 1: iterative DPO (Xiong et al. 2024), a round's k batches sampled at its first step.
+    -> (policy, history: records, eval, seconds, implicit_accuracy (pairs of the last tenth of the steps
+    ranked as the judge did, before learning them: fresh, held out), n_pairs (in the loss), n_tie, n_unended,
+    n_skipped, skipped_share (of pairs sampled), steps_skipped (no usable pair), judge_calls (answers))."""
+    t_start, B, steps, k = time.time(), cfg.batch_size, cfg.online_steps, cfg.sample_every
+    gen, sampler = torch.Generator().manual_seed(cfg.seed), torch.Generator(device).manual_seed(cfg.seed)
+    queue = [prompts[i] for _ in range(-(-steps * B // len(prompts)))
+             for i in torch.randperm(len(prompts), generator=gen).tolist()]
+    batches, counts = {}, []  # counts: per step (pairs kept, ties, unended)
+
+    def next_batch(step):
+        for s in range(step, min(step + k, steps)) if step % k == 0 else ():  # a round's pairs, from pi now
+            batches[s] = judged_pairs(policy, ref, judge, enc, queue[s * B:(s + 1) * B], cfg, device, dtype,
+                                      sampler, check=step == 0)
+        b = batches.pop(step)
+        counts.append((len(b["tokens"]) // 2, b["n_tie"], b["n_unended"]))
+        return b["tokens"], b["mask"], b["ref_logps"]
+    figures = lambda step: {"skipped_share": 1 - counts[step][0] / B, "judge_calls": 2 * B * (step + 1)}
+    records, last_eval, ranked = dpo_loop(policy.eval(), "dpo_online", steps, next_batch, figures, cfg,
+                                          device, dtype, log, eval_fn, tok.pad_id(enc))  # eval: as it sampled
+    tail = [(acc.item() * m, m) for acc, m in ranked[-max(1, steps // 10):] if m] or [(0, 0)]  # (right, n)
+    (kept, ties, unended), (right, total) = map(sum, zip(*counts)), map(sum, zip(*tail))
+    return policy.eval(), dict(records=records, eval=last_eval, seconds=time.time() - t_start, n_pairs=kept,
+                               implicit_accuracy=right / total if total else None, judge_calls=2 * B * steps,
+                               n_tie=ties, n_unended=unended, n_skipped=ties + unended,
+                               skipped_share=(ties + unended) / (B * steps),
+                               steps_skipped=sum(c[0] == 0 for c in counts))

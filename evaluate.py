@@ -9,12 +9,13 @@ held-out prompt, sampled at temperature 1, no top-k / top-p (the policy as it is
   kl, kl_max    mean and max over answers of the exact KL(pi || pi_ref) per answer (if a ref is given)
   eos_rate      share of answers that ended with EOS within the length budget
   length_words  mean words per full text (prompt + answer)
+`rollout_metrics` gives the same figures (and entropy) for an RL update's own sampled batch.
 """
 import torch
 
 import tokenizer as tok
 import world
-from kl import full_kl
+from kl import full_kl, sequence_kl
 from model import autocast
 from reference import response_mask, token_logprobs
 
@@ -58,3 +59,29 @@ def evaluate_policy(model, enc, prompts, max_new_tokens, device, dtype="fp32", r
     if proxy:
         out["proxy_reward"] = torch.cat(proxy).mean().item()
     return out, texts
+
+
+def gold_scores(enc, tokens, prompt_len, gold_fn=world.gold_reward):
+    """(B,) the world's exact reward of each answer in tokens (B, T), left-padded prompts of prompt_len
+    columns: a reward model that is never wrong (train.py --reward gold: a verifiable reward)."""
+    pad, (answers, _) = tok.pad_id(enc), tok.decode_responses(enc, tokens, prompt_len)
+    prompts = [enc.decode([t for t in row if t != pad]) for row in tokens[:, :prompt_len].tolist()]
+    return torch.tensor([gold_fn(p + a) for p, a in zip(prompts, answers)], device=tokens.device)
+
+
+@torch.no_grad()
+def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
+    """The figures of an RL rollout batch `ro` (ppo.rollout's dict: logp, ref_logp, logits, ref_logits, mask,
+    scores, ended, texts): kl is the k1 estimate per answer, kl_exact / kl_max the exact KL(pi || pi_ref) per
+    answer (full_kl summed over its tokens), entropy per response token, length in tokens."""
+    mask, texts = ro["mask"], ro["texts"]
+    kl_exact = (full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)
+    logp_all = torch.log_softmax(ro["logits"], -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return {"proxy_reward": ro["scores"].mean().item(), "gold_reward": sum(map(gold_fn, texts)) / len(texts),
+            "kl": sequence_kl(ro["logp"], ro["ref_logp"], mask).mean().item(),
+            "kl_exact": kl_exact.mean().item(), "kl_max": kl_exact.max().item(),
+            "entropy": (torch.where(mask.bool(), entropy, 0.0).sum() / mask.sum()).item(),
+            "length": mask.sum(1).mean().item(),
+            "valid_rate": sum(map(valid_fn, texts)) / len(texts) if valid_fn else float("nan"),
+            "distinct_2": world.distinct_n(texts, 2), "eos_rate": ro["ended"].float().mean().item()}

@@ -4,17 +4,19 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py hacking    --out out   # beta = 0 against the adaptive controller
     python experiments.py controller --out out   # the adaptive controller holds its KL target
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
-    python experiments.py frontier   --out out   # gold reward against KL: PPO targets, DPO betas
+    python experiments.py frontier   --out out   # gold reward against KL: PPO, GRPO, RLOO, DPO
+    python experiments.py klplace    --out out   # GRPO: k3 in the loss against k1 in the reward
+    python experiments.py gold       --out out   # GRPO on the gold reward: beta = 0 against the controller
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
     python experiments.py kl         --out out   # the KL estimators k1, k2, k3 against the exact KL
     python experiments.py reward     --out out   # what the reward model gets wrong
 
 Each one reads a finished run of `python train.py --out OUT`: OUT/sft.pt, OUT/tokenizer.json,
 OUT/reward_model.pt and the run's config and preference pairs (OUT/stages/reward_model.json),
-from which it rebuilds the run's world. The RL experiments train fresh PPO (frontier and
+from which it rebuilds the run's world. The RL experiments train fresh PPO or GRPO (frontier and
 precision: also DPO) policies from the SFT model with the run's preset and dtype, judged as
 train.py judges them (evaluate.evaluate_policy on the fixed held-out prompts). Runs are cached
-in OUT/ppo_runs/ and OUT/dpo_runs/ with the config of the run they started from. Every command
+in OUT/ppo_runs/, grpo_runs/ and dpo_runs/ with the config of the run they started from. Every command
 writes OUT/plots/<name>.png, OUT/<name>.json and a markdown table on stdout (kl draws
 plots/kl_estimators.png, reward plots/reward_model.png).
 """
@@ -35,9 +37,10 @@ import reward
 import tokenizer as tok
 import train  # a tool may read the pipeline's presets
 import world
-from evaluate import evaluate_policy
-from kl import sequence_kl, token_kl
-from model import load_checkpoint, pick_device
+from evaluate import evaluate_policy, gold_scores
+from grpo import VARIANTS, GRPOConfig, train_grpo
+from kl import full_kl, sequence_kl, token_kl
+from model import autocast, load_checkpoint, pick_device
 from ppo import PPOConfig, train_ppo
 from reference import freeze, response_mask, token_logprobs, trainable
 
@@ -83,12 +86,13 @@ def run_file(out, kind, label, cfg, dtype):
     return os.path.join(out, kind, name + ".json")
 
 
-def cached_run(path, cfg, env):
-    """The cached result at path if it was made with this config from this very SFT model
-    and reward model (a re-run of train.py into the same folder may have replaced them)."""
+def cached_run(path, cfg, env, reward="model"):
+    """The cached result at path if it was made with this config, against this reward, from this very
+    SFT model and reward model (a re-run of train.py into the same folder may have replaced them)."""
     if path and os.path.exists(path):
         cached = read_json(path)
-        if cached["config"] == json.loads(json.dumps(asdict(cfg))) and cached.get("source") == env["source"]:
+        if cached["config"] == json.loads(json.dumps(asdict(cfg))) and cached.get("source") == env["source"] \
+                and cached.get("reward", "model") == reward:
             print(f"{cached['label']}: reusing {path}")
             return cached
     return None
@@ -114,22 +118,45 @@ def progress(label, updates):
     return log
 
 
-def run_ppo(env, label, cfg, out=None):
-    """Train a fresh copy of the SFT policy (critic: a copy of the reward model); returns
-    {label, config, source, seconds, history, final (eval metrics), samples}. With `out`, the
-    result is kept in OUT/ppo_runs/<label>_seed<seed>_<dtype>.json and reused by any later
-    experiment that asks for the same run (hacking and overopt share beta=0)."""
-    path = out and run_file(out, "ppo_runs", label, cfg, env["dtype"])
-    cached = cached_run(path, cfg, env)
+@torch.no_grad()
+def forward_kl(env, policy):
+    """Mean exact KL(pi_ref || pi) per answer, the direction GRPO's k3 loss pulls on: the reference answers
+    the held-out prompts (its own samples, drawn once per env) and full_kl(reverse=False) is summed over
+    each answer's tokens. evaluate()'s kl is the other direction, on the policy's samples."""
+    enc, device, pad = env["enc"], env["device"], tok.pad_id(env["enc"])
+    if "ref_samples" not in env:
+        prompt = tok.left_pad([tok.encode(enc, p) for p in env["data"]["eval_prompts"]], pad).to(device)
+        with autocast(device, env["dtype"], sampling=True):
+            tokens, _ = env["ref"].generate(prompt, env["max_new"], tok.eos_id(enc), pad,
+                                            generator=torch.Generator(device).manual_seed(4321))
+        env["ref_samples"] = (tokens, prompt.shape[1])
+    tokens, P = env["ref_samples"]
+    _, logits = token_logprobs(policy, tokens, pad, return_logits=True)
+    _, ref_logits = token_logprobs(env["ref"], tokens, pad, return_logits=True)
+    return (full_kl(logits, ref_logits, reverse=False) * response_mask(tokens, P, pad)).sum(1).mean().item()
+
+
+def run_ppo(env, label, cfg, out=None, reward="model"):
+    """Train a fresh copy of the SFT policy with PPO (cfg a PPOConfig; critic: a copy of the reward
+    model) or GRPO (a GRPOConfig) against the reward model or (reward "gold") the world's gold reward;
+    returns {label, config, reward, source, seconds, history, final (eval metrics and kl_forward),
+    samples}. With `out`, the result is kept in OUT/ppo_runs/ (or grpo_runs/)
+    <label>_seed<seed>_<dtype>.json and reused by any later experiment that asks for the same run."""
+    is_ppo = isinstance(cfg, PPOConfig)
+    path = out and run_file(out, "ppo_runs" if is_ppo else "grpo_runs", label, cfg, env["dtype"])
+    cached = cached_run(path, cfg, env, reward)
     if cached:
         return cached
     t0 = time.time()
-    policy, history = train_ppo(trainable(env["sft"]), env["ref"], env["score_fn"], trainable(env["rm"]),
-                                env["enc"], env["data"]["train_prompts"], cfg, env["device"], env["dtype"],
-                                log=progress(label, cfg.updates), eval_fn=lambda m: evaluate(env, m)[0])
+    score_fn = env["score_fn"] if reward == "model" else lambda t, P: gold_scores(env["enc"], t, P)
+    rest = (env["enc"], env["data"]["train_prompts"], cfg, env["device"], env["dtype"],
+            progress(label, cfg.updates), lambda m: evaluate(env, m)[0])
+    policy, history = train_ppo(trainable(env["sft"]), env["ref"], score_fn, trainable(env["rm"]), *rest) \
+        if is_ppo else train_grpo(trainable(env["sft"]), env["ref"], score_fn, *rest)
     metrics, samples = evaluate(env, policy)
-    result = dict(label=label, config=asdict(cfg), source=env["source"], seconds=time.time() - t0,
-                  history=history, final=metrics, samples=samples)
+    final = {**metrics, "kl_forward": forward_kl(env, policy)}
+    result = dict(label=label, config=asdict(cfg), reward=reward, source=env["source"],
+                  seconds=time.time() - t0, history=history, final=final, samples=samples)
     if path:
         write_run(path, result)
     return result
@@ -347,19 +374,24 @@ def plain_dpo(cfg):
     return replace(cfg, sft_coef=0.0, lr=1e-4, max_steps=min(cfg.max_steps, 100))
 
 
-def frontier(env, cfg, dcfg, out, targets, dpo_betas):
+def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas):
     """The reward-KL frontier (Rafailov et al. 2023, fig. 2 left, in miniature): gold reward
-    against the exact KL to the reference on the held-out prompts, for PPO with the adaptive
-    controller at several KL targets, and plain DPO and DPO + NLL (RPO, leash's default) at
+    against the exact KL to the reference on the held-out prompts, for PPO, GRPO and RLOO with the
+    adaptive controller at several KL targets, and plain DPO and DPO + NLL (RPO, leash's default) at
     several betas; every policy from the same SFT model, judged by the same evaluation."""
     plt = pyplot()
     base = sft_baseline(env)
     ppo_runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
+    grpo_runs, rloo_runs = ([run_ppo(env, f"{v} target {t:g}", replace(variant(gcfg, v), kl_target=t), out)
+                             for t in targets] for v in ("grpo", "rloo"))
     dpo_runs = [run_dpo(env, f"DPO beta={b:g}", replace(plain_dpo(dcfg), beta=b)) for b in dpo_betas]
     rpo_runs = [run_dpo(env, f"RPO beta={b:g}", replace(dcfg, beta=b)) for b in dpo_betas]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([0], [base["final"]["gold_reward"]], color="gray", marker="*", s=120, label="SFT", zorder=3)
-    for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", lambda r: r["config"]["kl_target"]),
+    target = lambda r: r["config"]["kl_target"]
+    for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", target),
+                                     (grpo_runs, "GRPO (KL target)", "D", target),
+                                     (rloo_runs, "RLOO (KL target)", "v", target),
                                      (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"]),
                                      (rpo_runs, "DPO + NLL, RPO (beta)", "^", lambda r: r["config"]["beta"])):
         runs = sorted(runs, key=lambda r: r["final"]["kl"])  # a frontier is drawn along KL
@@ -369,11 +401,13 @@ def frontier(env, cfg, dcfg, out, targets, dpo_betas):
             ax.annotate(f"{knob(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="KL(pi || pi_ref) on held-out prompts, nats per answer", ylabel="gold reward",
            title="reward-KL frontier: every point one policy")
-    kl_scale(ax.set_xscale, [r["final"]["kl"] for r in ppo_runs + dpo_runs + rpo_runs])
-    ax.legend()
-    print("\n" + table([base] + ppo_runs + dpo_runs + rpo_runs) + "\n")
-    save(out, "frontier", dict(sft=base, ppo=ppo_runs, dpo=dpo_runs, rpo=rpo_runs), fig)
-    return ppo_runs, dpo_runs, rpo_runs
+    every = ppo_runs + grpo_runs + rloo_runs + dpo_runs + rpo_runs
+    kl_scale(ax.set_xscale, [r["final"]["kl"] for r in every])
+    ax.legend(fontsize=8)
+    print("\n" + table([base] + every) + "\n")
+    save(out, "frontier", dict(sft=base, ppo=ppo_runs, grpo=grpo_runs, rloo=rloo_runs, dpo=dpo_runs,
+                               rpo=rpo_runs), fig)
+    return every
 
 
 # ----------------------------------------------------------------------------- 5. precision
@@ -642,12 +676,71 @@ def reward_model(env, out):
     return result
 
 
+# ----------------------------------------------------------------------------- 7. where the KL goes
+
+def variant(gcfg, name):
+    """gcfg set to one of grpo.VARIANTS: GRPO, Dr. GRPO or RLOO (advantage, aggregation, kl_in)."""
+    advantage, aggregation, kl_in = VARIANTS[name]
+    return replace(gcfg, advantage=advantage, aggregation=aggregation, kl_in=kl_in)
+
+
+def kl_place(env, gcfg, out, betas):
+    """GRPO with k3 in the loss against the same GRPO with k1 in the reward (RLOO's and PPO's place), at
+    the same fixed betas: which direction of the KL does each hold down? Both are measured exactly at
+    the end: KL(pi || pi_ref) on the policy's answers, KL(pi_ref || pi) on the reference's."""
+    plt = pyplot()
+    runs = {kl_in: [run_ppo(env, f"GRPO kl_in={kl_in} beta={b:g}",
+                            replace(gcfg, kl_in=kl_in, kl_controller="fixed", beta=b), out) for b in betas]
+            for kl_in in ("loss", "reward")}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for kl_in, marker in (("loss", "o-"), ("reward", "s--")):
+        name = "k3 in the loss (GRPO)" if kl_in == "loss" else "k1 in the reward (RLOO, PPO)"
+        for ax, key in zip(axes, ("kl", "kl_forward", "gold_reward")):
+            ax.plot(betas, [r["final"][key] for r in runs[kl_in]], marker, label=name)
+    for ax, title in zip(axes, ("KL(pi || pi_ref), policy's answers", "KL(pi_ref || pi), reference's answers",
+                                "gold reward")):
+        ax.set(xscale="log", xlabel="beta (fixed)", title=title)
+    axes[0].set_ylabel("nats per answer")
+    axes[0].legend(fontsize=8)
+    every = runs["loss"] + runs["reward"]
+    keys = ("proxy_reward", "gold_reward", "valid_rate", "distinct_2", "kl", "kl_forward")
+    print("\n" + table([sft_baseline(env)] + every, keys) + "\n")
+    save(out, "klplace", {k: [{key: r[key] for key in ("label", "config", "final")} for r in v]
+                          for k, v in runs.items()}, fig)
+    return runs
+
+
+# ----------------------------------------------------------------------------- 8. a reward not to hack
+
+def gold(env, gcfg, out):
+    """GRPO on the world's exact gold reward (a verifiable reward: nothing to hack) at beta = 0 and with
+    the adaptive controller, beside GRPO at beta = 0 on the reward model: without a proxy, does beta = 0
+    still hurt? Traced per update: gold reward, diversity (distinct-2) and exact KL."""
+    plt = pyplot()
+    every_tenth = lambda c: replace(c, eval_every=max(1, c.updates // 10))
+    runs = [run_ppo(env, "gold beta=0", every_tenth(no_penalty(gcfg)), out, reward="gold"),
+            run_ppo(env, f"gold target {gcfg.kl_target:g}", every_tenth(gcfg), out, reward="gold"),
+            run_ppo(env, "proxy beta=0", every_tenth(no_penalty(gcfg)), out)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for r in runs:
+        for ax, key in zip(axes, ("gold_reward", "distinct_2", "kl_exact")):
+            ax.plot(smooth([h[key] for h in r["history"]]), label=r["label"])
+    for ax, title in zip(axes, ("gold reward (rollouts)", "distinct-2 (rollouts)", "exact KL(pi || pi_ref)")):
+        ax.set(xlabel="update", title=title)
+    axes[0].legend(fontsize=8)
+    print("\n" + table([sft_baseline(env)] + runs, ("proxy_reward", "gold_reward", "valid_rate", "distinct_2",
+                                                    "kl", "kl_forward", "eos_rate")) + "\n")
+    save(out, "gold", [{k: r[k] for k in ("label", "config", "reward", "final")} for r in runs], fig)
+    return runs
+
+
 # ----------------------------------------------------------------------------- the command line
 
-EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward")
+EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward", "klplace", "gold")
 # PPO updates per run when --updates is not given, as a share of the preset's (cpu: 80): the
 # controller needs time to settle; hacking and overopt see the damage well before.
-UPDATE_SHARE = {"hacking": 0.75, "controller": 1.0, "overopt": 0.75, "frontier": 1.0, "precision": 1.0}
+UPDATE_SHARE = {"hacking": 0.75, "controller": 1.0, "overopt": 0.75, "frontier": 1.0, "precision": 1.0,
+                "klplace": 1.0, "gold": 1.0}
 
 
 def main(argv=None):
@@ -657,10 +750,12 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                         help="where to run (auto: as train.py picks)")
     parser.add_argument("--updates", type=int, default=None,
-                        help="PPO updates per run (default: the run preset's; 3/4 of it: hacking, overopt)")
+                        help="PPO / GRPO updates per run (default: the preset's; 3/4: hacking, overopt)")
     parser.add_argument("--kl-target", type=float, nargs="+", default=None,
                         help="KL target(s), nats per sequence (controller: 2 and 4; frontier: 1 2 4 8)")
     parser.add_argument("--beta", type=float, default=0.0, help="overopt: the fixed KL coefficient")
+    parser.add_argument("--grpo-beta", type=float, nargs="+", default=[0.01, 0.04, 0.1, 0.3],
+                        help="klplace: GRPO's fixed beta values")
     parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
                         help="frontier: DPO's beta values")
     parser.add_argument("--dpo-steps", type=int, default=None,
@@ -689,6 +784,7 @@ def run_experiment(name, args, device):
     over = train.STAGE_OVERRIDES[env["source"]["preset"]]
     cfg = replace(PPOConfig(), **over["ppo"], seed=args.seed)
     cfg = replace(cfg, updates=args.updates or max(1, round(UPDATE_SHARE[name] * cfg.updates)))
+    gcfg = replace(GRPOConfig(), **over["grpo"], seed=args.seed, updates=cfg.updates)
     dcfg = replace(dpo.DPOConfig(), **over["dpo"], seed=args.seed)
     dcfg = replace(dcfg, max_steps=args.dpo_steps or dcfg.max_steps)
     if name == "controller":
@@ -696,7 +792,11 @@ def run_experiment(name, args, device):
     elif name == "overopt":
         overopt(env, cfg, args.out, args.beta)
     elif name == "frontier":
-        frontier(env, cfg, dcfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
+        frontier(env, cfg, gcfg, dcfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
+    elif name == "klplace":
+        kl_place(env, gcfg, args.out, args.grpo_beta)
+    elif name == "gold":
+        gold(env, gcfg, args.out)
     elif name == "precision":
         precision(env, cfg, dcfg, args.out)
     else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+import dist
 import kl
 import tokenizer as tok
 import world
@@ -63,14 +64,16 @@ def tolerance(device, dtype):
 
 
 def masked_mean(x, mask):
-    """Mean of x over the entries where mask is 1 (every token of the batch weighs the same)."""
-    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+    """Mean of x over the entries where mask is 1 (every token of the batch weighs the same). Data-parallel:
+    this rank's term of the mean over every rank's tokens (dist.rank_weight; dist.all_mean gives the mean)."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1) * dist.rank_weight(mask.sum())
 
 
 def whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the masked entries of x (B, T), 0 elsewhere: steps stop scaling with rewards."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x - mean) / std over the masked entries of x (B, T), 0 elsewhere: steps stop scaling with rewards.
+    Data-parallel, mean and std are those of every rank's entries."""
+    mean = dist.all_mean(masked_mean(x, mask))
+    var = dist.all_mean(masked_mean((x - mean) ** 2, mask))
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
@@ -157,12 +160,13 @@ def rollout(policy, ref, critic, score_fn, enc, prompts, cfg, device, dtype, che
 def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype, check_tol=None):
     """ppo_epochs passes of shuffled minibatches over a rollout batch (tokens (B, T+1); logp, values,
     advantages, returns, mask (B, T)), in place, each param group's gradient norm clipped on its own.
-    check_tol: the first ratios must be 1 within this. Returns stats' minibatch means, ppo_epochs_done."""
-    B, sums, n = batch["mask"].shape[0], {}, 0
+    check_tol: the first ratios must be 1 within this. Returns stats' minibatch means, ppo_epochs_done.
+    Data-parallel, `batch` is this rank's share and so is each minibatch (minibatch_size / N rows)."""
+    B, sums, n, size = batch["mask"].shape[0], {}, 0, dist.per_rank(cfg.minibatch_size)
     for epoch in range(cfg.ppo_epochs):
         perm, epoch_kl = torch.randperm(B, device=device), []
-        for start in range(0, B, cfg.minibatch_size):
-            mb = {k: v[perm[start:start + cfg.minibatch_size]] for k, v in batch.items()}
+        for start in range(0, B, size):
+            mb = {k: v[perm[start:start + size]] for k, v in batch.items()}
             with autocast(device, dtype):
                 logp = token_logprobs(policy, mb["tokens"], pad_id, cfg.temperature)
                 values = critic(mb["tokens"], mb["tokens"] != pad_id)[:, :-1].float()
@@ -175,12 +179,13 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype, check
             stats.update(v_stats, policy_loss=loss.detach(), value_loss=v_loss.detach())
             optimizer.zero_grad(set_to_none=True)
             (loss + cfg.vf_coef * v_loss).backward()
+            dist.average_gradients(p for group in optimizer.param_groups for p in group["params"])
             for group in optimizer.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm)
             optimizer.step()
             sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
             n, epoch_kl = n + 1, epoch_kl + [stats["approx_kl"]]
-        if cfg.approx_kl_stop and torch.stack(epoch_kl).mean().item() > cfg.approx_kl_stop:
+        if cfg.approx_kl_stop and dist.all_mean(torch.stack(epoch_kl).mean()).item() > cfg.approx_kl_stop:
             break  # the policy has moved far enough from the sampler for this batch
     return {**{k: v / n for k, v in sums.items()}, "ppo_epochs_done": epoch + 1}
 
@@ -190,8 +195,10 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dt
     """PPO from `policy` (trained in place) against score_fn(tokens (B, T), prompt_len) -> (B,) raw scores;
     ref = freeze(policy); critic: a ScalarModel copy of the reward model. log gets each update's `rec`
     (proxy_reward before the no-EOS rule, kl and kl_exact per answer, entropy per token; eval_fn(policy) as
-    eval_* every eval_every updates); gold_fn, valid_fn (None: skip) judge texts. -> (policy, records)."""
-    torch.manual_seed(cfg.seed)
+    eval_* every eval_every updates); gold_fn, valid_fn (None: skip) judge texts. -> (policy, records).
+    Data-parallel, each rank answers its share (rollouts / N) of the update's prompts with its own seed."""
+    torch.manual_seed(cfg.seed + dist.rank())  # ranks sample different answers from identical weights
+    dist.per_rank(cfg.rollouts)  # ValueError unless the ranks split the rollouts evenly: they step together
     gen, pad = torch.Generator().manual_seed(cfg.seed), tok.pad_id(enc)
     critic.requires_grad_(True)
     policy.eval(), critic.eval()  # dropout off: the model we train is the one that sampled
@@ -205,7 +212,8 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dt
         t0 = time.time()
         while len(order) < cfg.rollouts:  # walk through the prompts in shuffled passes
             order += torch.randperm(len(prompts), generator=gen).tolist()
-        batch_prompts, order = [prompts[i] for i in order[:cfg.rollouts]], order[cfg.rollouts:]
+        mine = order[:cfg.rollouts][dist.shard(cfg.rollouts)]  # this rank's share of the update's prompts
+        batch_prompts, order = [prompts[i] for i in mine], order[cfg.rollouts:]
         ro = rollout(policy, ref, critic, score_fn, enc, batch_prompts, cfg, device, dtype, check=update == 0)
         mask, beta, scores, texts = ro["mask"], controller.value, ro["scores"], ro["texts"]
         if cfg.no_eos_score is not None:  # an answer cut off by the budget is not an answer
@@ -229,7 +237,8 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dt
                "valid_rate": sum(map(valid_fn, texts)) / len(texts) if valid_fn else math.nan,
                "distinct_2": world.distinct_n(texts, 2), "eos_rate": ro["ended"].float().mean().item(),
                **{k: float(v) for k, v in stats.items()}, "seconds": time.time() - t0}
-        controller.update(rec["kl_exact"], cfg.rollouts)  # the per-SEQUENCE KL, as the controller wants
+        kl_all = dist.all_mean(torch.tensor(rec["kl_exact"], device=device)).item()  # every rank's answers'
+        controller.update(kl_all, cfg.rollouts)  # the per-SEQUENCE KL, as the controller wants
         if eval_fn is not None and ((update + 1) % cfg.eval_every == 0 or update == cfg.updates - 1):
             rec.update({f"eval_{k}": v for k, v in eval_fn(policy).items()})
         rec["eta_s"] = (time.time() - t_start) / (update + 1) * (cfg.updates - update - 1)

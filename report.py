@@ -63,6 +63,16 @@ class Logger:
                 print(" " * 16 + "eval: " + "  ".join(evals), flush=True)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    """obj as indented JSON at path, written atomically (a crash leaves the old file or the new one)."""
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
 def fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -72,7 +82,9 @@ def comparison_table(summary):
     dpo = "DPO + NLL (RPO)" if (summary.get("dpo") or {}).get("sft_coef") else "DPO"  # dpo.DPOConfig
     lines = ["| policy | gold reward | proxy reward | KL to ref (nats) | valid | distinct-2 | seconds |",
              "|---|---|---|---|---|---|---|"]
-    for label, key in (("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), (dpo, "dpo")):
+    rows = (("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"), ("GRPO", "grpo"), (dpo, "dpo"),
+            ("online DPO", "dpo_online"))
+    for label, key in rows:
         if m := summary.get(key):
             lines.append(f"| {label} | {m['gold_reward']:.3f} | {fmt(m.get('proxy_reward'))} "
                          f"| {fmt(m.get('kl'), '.2f')} | {fmt(m.get('valid_rate'))} | {m['distinct_2']:.3f} "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import dist
 import tokenizer as tok
 import world
 from model import ScalarModel, adamw, autocast
@@ -146,7 +147,8 @@ def pair_scores(rm, tokens, chosen, rejected, pad_id):
 
 def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=print):
     """Fit a ScalarModel (trunk copied from sft_model) to the labels, a step being cfg.batch_size prompts with
-    all their pairs -> (rm in eval mode, normalised on the SFT answers of the training pairs, metrics)."""
+    all their pairs -> (rm in eval mode, normalised on the SFT answers of the training pairs, metrics).
+    Data-parallel, each rank takes its share of a step's prompts, and of the pairs a figure is measured on."""
     t0, pad, block = time.time(), tok.pad_id(enc), sft_model.cfg.block_size
     train, val = split_pairs(pairs, cfg.val_fraction)
     tr_tokens, tr_c, tr_r, train = encode_pairs(enc, train, block)
@@ -159,28 +161,35 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
         rm = ScalarModel(sft_model, cfg.head_std).to(device)
     opt = adamw(rm.parameters(), device, cfg.lr, weight_decay=cfg.weight_decay)
 
-    def accuracy(tokens, chosen, rejected):  # (loss, accuracy); leaves rm in eval mode
+    def accuracy(tokens, chosen, rejected):  # (loss, accuracy) over all ranks' pairs; leaves rm in eval mode
         rm.eval()
+        chosen, rejected = chosen[dist.shard(len(chosen))], rejected[dist.shard(len(rejected))]  # this rank's
+        w = dist.rank_weight(torch.tensor(len(chosen), device=device))
         with torch.no_grad(), autocast(device, dtype):
-            return [x.item() for x in bt_loss(*pair_scores(rm, tokens, chosen, rejected, pad))]
+            figures = bt_loss(*pair_scores(rm, tokens, chosen, rejected, pad))
+        return [dist.all_mean(x * w).item() for x in figures]
     gen, order = torch.Generator().manual_seed(cfg.annotator_seed), torch.empty(0, dtype=torch.long)
     for step in range(cfg.steps):
         if len(order) < cfg.batch_size:  # a new epoch: reshuffle the prompts
             order = torch.randperm(n_groups, generator=gen)
-        in_batch, order = torch.isin(group, order[:cfg.batch_size]), order[cfg.batch_size:]
+        mine = order[:cfg.batch_size][dist.shard(cfg.batch_size)]  # this rank's prompts of the step's
+        in_batch, order = torch.isin(group, mine), order[cfg.batch_size:]
+        w = dist.rank_weight(in_batch.sum().to(device))  # a loss over all ranks' pairs: see dist.rank_weight
         rm.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         with autocast(device, dtype):
             loss, acc = bt_loss(*pair_scores(rm, tr_tokens, tr_c[in_batch], tr_r[in_batch], pad))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * w).backward()
+        dist.average_gradients(rm.parameters())
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             val_loss, val_acc = accuracy(va_tokens, va_c, va_r)
             per_step = (time.time() - t0) / (step + 1)
-            log({"stage": "reward_model", "step": step, "loss": loss.item(), "accuracy": acc.item(),
+            log({"stage": "reward_model", "step": step, "loss": dist.all_mean(loss.detach() * w).item(),
+                 "accuracy": dist.all_mean(acc * w).item(),
                  "val_loss": val_loss, "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
                  "ms_per_step": 1000 * per_step, "eta_s": per_step * (cfg.steps - step - 1)})
     # as many training pairs as validation has, from the first groups: a gap is overfitting
@@ -196,10 +205,13 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
 @torch.no_grad()
 def normalize(rm, tokens, pad_id):
     """Set rm.gain and rm.bias so that the right-padded rows `tokens` score mean 0, std 1; returns the raw
-    (mean, std). The loss sees only differences of r: this puts PPO's KL coefficient on a known scale."""
+    (mean, std). The loss sees only differences of r: this puts PPO's KL coefficient on a known scale.
+    Data-parallel (the same rows on every rank), each rank scores its share, and a sum gathers the scores."""
     rm.gain.fill_(1.0)
     rm.bias.fill_(0.0)
-    raw = score_rows(rm, tokens, pad_id)
+    mine, raw = dist.shard(len(tokens)), torch.zeros(len(tokens), device=tokens.device)
+    raw[mine] = score_rows(rm, tokens[mine], pad_id)
+    raw = dist.all_sum(raw)  # each rank's rows, zeros elsewhere: the sum holds every score
     mean, std = raw.mean(), raw.std().clamp(min=1e-6)
     rm.gain.fill_(1.0 / std)
     rm.bias.fill_(-mean / std)

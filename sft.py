@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import dist
 import tokenizer as tok
 from model import adamw, autocast
 from reference import token_logprobs
@@ -47,8 +48,10 @@ def rows_batch(tokens, mask, batch_size, gen):
 
 
 def masked_nll(model, tokens, mask):
-    """Mean NLL over the masked targets; tokens (B, T), mask (B, T-1), right-padded: no attention mask."""
-    return -(token_logprobs(model, tokens) * mask).sum() / mask.sum().clamp(min=1)
+    """Mean NLL over the masked targets; tokens (B, T), mask (B, T-1), right-padded: no attention mask.
+    Data-parallel: this rank's term of the mean over every rank's targets (dist.rank_weight)."""
+    nll = -(token_logprobs(model, tokens) * mask).sum() / mask.sum().clamp(min=1)
+    return nll * dist.rank_weight(mask.sum())
 
 
 def lr_at(step, max_steps, lr, warmup):
@@ -62,32 +65,36 @@ def lr_at(step, max_steps, lr, warmup):
 def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu", dtype="fp32",
              stage="pretrain", log=print, compile=False):
     """nanoGPT's loop, shared by pretraining and SFT: trains `model` in place, returns the last held-out loss.
-    get_batch() / get_val_batch() -> (tokens (B, T), mask (B, T-1)); log(dict) gets a record per log step."""
+    get_batch() / get_val_batch() -> (tokens (B, T), mask (B, T-1)); log(dict) gets a record per log step.
+    Data-parallel, every rank draws the same global batch and trains on its rows (dist.shard)."""
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on biases and LayerNorms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}], device, cfg.lr)
     fast = torch.compile(model) if compile else model  # shares the weights: save `model`
     t0, t_log, tokens_seen, vl = time.time(), 0.0, 0, float("nan")  # t_log: seconds since t0 at the last log
+    mine = lambda batch: (t[dist.shard(len(t))].to(device) for t in batch)  # this rank's rows, on the device
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-        tokens, mask = (t.to(device) for t in get_batch())
+        batch = get_batch()
+        tokens, mask = mine(batch)
         with autocast(device, dtype):
             loss = masked_nll(fast, tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        tokens_seen += tokens.numel()
+        tokens_seen += batch[0].numel()  # every rank's
         if step % cfg.eval_every == 0 or step == cfg.steps - 1:
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
-                vl = torch.stack([masked_nll(model, *(t.to(device) for t in get_val_batch()))
-                                  for _ in range(cfg.eval_batches)]).mean().item()
+                vl = dist.all_mean(torch.stack([masked_nll(model, *mine(get_val_batch()))
+                                                for _ in range(cfg.eval_batches)]).mean()).item()
             model.train()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            elapsed, loss = time.time() - t0, loss.item()  # the one host sync of a log step
+            elapsed, loss = time.time() - t0, dist.all_mean(loss.detach()).item()  # over all ranks
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{stage}: loss became {loss} at step {step}")
             log({"stage": stage, "step": step, "loss": loss, "val_loss": vl, "lr": opt.param_groups[0]["lr"],

@@ -26,3 +26,16 @@ def tiny_gpt(enc, seed=0, block_size=32, n_layer=2, eos_bias=None):
     cfg = GPTConfig(block_size=block_size, vocab_size=tok.padded_vocab_size(enc), n_layer=n_layer,
                     n_head=2, n_embd=32, n_out=tok.pad_id(enc))
     return (GPT(cfg) if eos_bias is None else EOSProneGPT(cfg, tok.eos_id(enc), eos_bias)).eval()
+
+
+class TabularPolicy(torch.nn.Module):
+    """A one-step "language model": its logits at every position are one parameter vector theta
+    (V,). A sequence [prompt_token, arm] is one pull of the bandit; the last column's logits are
+    never read (token_logprobs drops them)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.theta = torch.nn.Parameter(logits.clone())
+
+    def forward(self, tokens, pad_mask=None):
+        return self.theta.expand(*tokens.shape, -1)

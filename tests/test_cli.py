@@ -23,6 +23,10 @@ def refused(argv, capsys):
     (["--dpo-beta", "0"], "--dpo-beta"),
     (["--preset", "huge"], "--preset huge"),
     (["--algo", "trpo"], "--algo trpo"),
+    (["--algo", "ppo,trpo"], "--algo trpo"),
+    (["--grpo-variant", "grpo2"], "grpo2"),
+    (["--kl-in", "both"], "--kl-in both"),
+    (["--reward", "human"], "--reward human"),
     (["--kl-estimator", "k4"], "k4"),
     (["--device", "cuda"], "cuda"),
     (["--device", "tpu"], "tpu"),
@@ -57,3 +61,10 @@ def test_bad_data_files(capsys, tmp_path):
     for path, words in cases:
         err = refused(["--data", str(path), "--out", str(tmp_path / "o")], capsys)
         assert str(path) in err and words in err, err
+
+
+def test_algo_lists():
+    parse = lambda *argv: train.parse_args(list(argv)).algos
+    assert parse() == ["ppo", "dpo"] and parse("--algo", "both") == ["ppo", "dpo"]
+    assert parse("--algo", "all") == ["ppo", "grpo", "dpo", "dpo-online"]
+    assert parse("--algo", "grpo,dpo-online") == ["grpo", "dpo-online"]

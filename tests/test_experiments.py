@@ -161,3 +161,28 @@ def test_kl_demo_without_a_run_uses_a_random_gpt(tmp_path):
     assert all(r["seq_negative"] == 0 for r in rows if r["estimator"] in ("k2", "k3", "full"))
     assert (tmp_path / "plots" / "kl_estimators.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "kl.json").read_text())["rows"] == rows
+
+
+def test_forward_kl_is_the_reference_to_policy_direction_on_reference_samples(enc):
+    """forward_kl: 0 for the reference itself; else the exact KL(pi_ref || pi) per position (the
+    reference's distribution first), summed over the answers the reference itself sampled."""
+    from experiments import forward_kl
+    from reference import response_mask, token_logprobs
+    ref, policy = freeze(tiny_gpt(enc, 0)), tiny_gpt(enc, 1)
+    with torch.no_grad():  # sharper than a fresh init: the two directions then differ clearly
+        for p in policy.parameters():
+            p.mul_(4)
+    data = {"eval_prompts": ["the film", "i", "the music was"] * 4}
+    env = dict(enc=enc, device="cpu", dtype="fp32", ref=ref, data=data, max_new=8)
+    assert forward_kl(env, ref) == pytest.approx(0.0, abs=1e-6)
+    value = forward_kl(env, policy)
+    tokens, P = env["ref_samples"]
+    pad = tok.pad_id(enc)
+    mask = response_mask(tokens, P, pad)
+    _, logits = token_logprobs(policy, tokens, pad, return_logits=True)
+    _, ref_logits = token_logprobs(ref, tokens, pad, return_logits=True)
+    by_hand = (full_kl(ref_logits, logits) * mask).sum(1).mean().item()  # reverse=True with ref first
+    other_way = (full_kl(logits, ref_logits) * mask).sum(1).mean().item()
+    assert value == pytest.approx(by_hand, rel=1e-5) and value > 0.01
+    assert abs(value - other_way) > 0.05 * value  # the two directions differ: the test can tell them apart
+    assert mask.sum(1).min() > 0  # every sampled answer has tokens

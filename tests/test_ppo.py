@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import helpers
+from helpers import TabularPolicy
 import kl
 import ppo
 import tokenizer as tok
@@ -93,19 +94,6 @@ def test_value_loss_by_hand():
     # clipped values 0.2, -0.1, 0.2; max squared errors 0.64, 1.21, 1.69
     assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 1.69) / 3, abs=1e-6)
     assert stats["vf_clipfrac"] == pytest.approx(1 / 3)
-
-
-class TabularPolicy(torch.nn.Module):
-    """A one-step "language model": its logits at every position are one parameter vector theta
-    (V,). A sequence [prompt_token, arm] is one pull of the bandit; the last column's logits are
-    never read (token_logprobs drops them)."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.theta = torch.nn.Parameter(logits.clone())
-
-    def forward(self, tokens, pad_mask=None):
-        return self.theta.expand(*tokens.shape, -1)
 
 
 class ConstantCritic(torch.nn.Module):

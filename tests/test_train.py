@@ -16,7 +16,7 @@ from model import GPT, ScalarModel, load_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny preset with fewer steps: every stage still runs, the test takes a third of the time
 SHORT = ["--pretrain-steps", "100", "--sft-steps", "50", "--rm-prompts", "100", "--rm-steps", "40",
-         "--ppo-updates", "4", "--dpo-steps", "20", "--eval-prompts", "64"]
+         "--rl-updates", "4", "--dpo-steps", "20", "--eval-prompts", "64"]
 STAGES = ("tokenizer", "pretrain", "sft", "reward_model", "ppo", "dpo")
 
 
@@ -104,7 +104,7 @@ def test_gpu_preset_smoke_on_cpu(tmp_path):
     out = str(tmp_path / "gpu")
     t0 = time.time()
     run(out, ["--dtype", "fp32", "--pretrain-steps", "2", "--sft-steps", "2", "--rm-prompts", "16", "--rm-steps", "2",
-              "--ppo-updates", "1", "--dpo-steps", "2", "--eval-prompts", "16"], preset="gpu")
+              "--rl-updates", "1", "--dpo-steps", "2", "--eval-prompts", "16"], preset="gpu")
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert "ppo" in summary and "dpo" in summary
     assert summary["config"]["preset"] == "gpu" and summary["config"]["n_embd"] == 384

@@ -1,0 +1,209 @@
+"""grpo.py: group and leave-one-out advantages and the three aggregations by hand, the loss's
+gradient against its derivation, where each place of the KL lands on a bandit, and a short run."""
+import math
+
+import pytest
+import torch
+
+import grpo
+import kl
+import tokenizer as tok
+from helpers import TabularPolicy, tiny_gpt
+from reference import freeze
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])  # two groups of 3, the second all equal
+    none = grpo.group_advantages(scores, 3, "none")
+    assert torch.allclose(none, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    group = grpo.group_advantages(scores, 3, "group")  # std of (1, 2, 3) with Bessel: 1
+    assert torch.allclose(group, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (1.0 + 1e-4))
+    assert not group.isnan().any()  # a group of equal scores: 0, not 0 / 0
+    batch = grpo.group_advantages(scores, 3, "batch")
+    assert torch.allclose(batch, none / (scores.std() + 1e-4))
+    assert scores.std().item() == pytest.approx(math.sqrt(((scores - scores.mean()) ** 2).sum().item() / 5))
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(scores, 3, "rank")
+
+
+def test_rloo_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0, 4.0, 0.0])  # groups of 4
+    adv = grpo.rloo_advantages(scores, 4)
+    by_hand = [1 - (2 + 6 + 4) / 3, 2 - (1 + 6 + 4) / 3, 6 - (1 + 2 + 4) / 3, 4 - (1 + 2 + 6) / 3,
+               4 - 8 / 3, 4 - 8 / 3, 4 - 8 / 3, 0 - 4.0]
+    assert torch.allclose(adv, torch.tensor(by_hand))
+    assert torch.allclose(adv, grpo.group_advantages(scores, 4, "none") * 4 / 3)  # G/(G-1) x centred
+    assert torch.equal(grpo.rloo_advantages(torch.full((6,), 3.0), 3), torch.zeros(6))
+
+
+def crafted_batch():
+    """Two answers: one of 3 response tokens, one of 1 (then padding with garbage log-probs)."""
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    logp = torch.tensor([[9.0, -1.0, -2.0, -0.5], [9.0, -1.5, 7.0, float("nan")]])
+    old_logp = torch.tensor([[0.0, -1.5, -1.5, -0.5], [0.0, -1.4, 0.0, 0.0]])
+    ref_logp = torch.tensor([[0.0, -1.2, -2.0, -0.7], [0.0, -1.0, 0.0, 0.0]])
+    return logp, old_logp, ref_logp, torch.tensor([2.0, -1.0]), mask
+
+
+def per_token_by_hand(logp, old_logp, ref_logp, adv, clip_eps, beta):
+    rho = math.exp(logp - old_logp)
+    surrogate = min(rho * adv, min(max(rho, 1 - clip_eps), 1 + clip_eps) * adv)
+    r = math.exp(ref_logp - logp)
+    return -surrogate + beta * (r - 1 - math.log(r))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_each_aggregation_by_hand(beta):
+    logp, old_logp, ref_logp, adv, mask = crafted_batch()
+    terms = [[per_token_by_hand(logp[i, t].item(), old_logp[i, t].item(), ref_logp[i, t].item(), adv[i].item(),
+                                0.2, beta) for t in range(4) if mask[i, t]] for i in range(2)]
+    # rho of the first answer's tokens: e^0.5 (> 1.2 with A > 0: clipped), e^-0.5, 1
+    expected = {"sequence": (sum(terms[0]) / 3 + sum(terms[1]) / 1) / 2,
+                "token": (sum(terms[0]) + sum(terms[1])) / 4,
+                "constant": (sum(terms[0]) + sum(terms[1])) / (2 * 4)}
+    for aggregation, value in expected.items():
+        loss = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, 0.2, beta, aggregation)
+        assert loss.item() == pytest.approx(value, rel=1e-5), aggregation
+    adv_tokens = adv[:, None].expand(2, 4)  # (N, T) advantages: the same loss
+    assert grpo.grpo_loss(logp, old_logp, ref_logp, adv_tokens, mask, 0.2, beta).item() == \
+        pytest.approx(expected["sequence"], rel=1e-5)
+    with pytest.raises(ValueError, match="aggregation"):
+        grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, aggregation="mean")
+
+
+def test_gradient_equals_the_hand_derived_one():
+    """d l_t / d logp_t = -rho A where the clip does not bind, 0 where it binds in A's favour,
+    plus beta (1 - pi_ref / pi) from k3; "sequence" divides by the answer's length and N."""
+    _, old_logp, ref_logp, adv, mask = crafted_batch()
+    logp = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -1.5, 0.0, 0.0]], requires_grad=True)
+    beta, eps = 0.3, 0.2
+    grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, eps, beta, "sequence").backward()
+    expected = torch.zeros(2, 4)
+    lengths = mask.sum(1)
+    for i in range(2):
+        for t in range(4):
+            if not mask[i, t]:
+                continue
+            rho = math.exp(logp[i, t].item() - old_logp[i, t].item())
+            a = adv[i].item()
+            binds = (a > 0 and rho > 1 + eps) or (a < 0 and rho < 1 - eps)
+            d_surrogate = 0.0 if binds else -rho * a
+            d_k3 = beta * (1 - math.exp(ref_logp[i, t].item() - logp[i, t].item()))
+            expected[i, t] = (d_surrogate + d_k3) / lengths[i] / 2
+    assert torch.allclose(logp.grad, expected, atol=1e-6)
+    assert expected[0, 1] == pytest.approx(beta * (1 - math.exp(-0.2)) / 6)  # the clip binds there: k3 only
+    assert expected[0, 2] != pytest.approx(beta * (1 - math.exp(0.0)) / 6)  # rho < 0.8, A > 0: no clip
+
+
+def forward_kl_optimum(ref_probs, r, beta):
+    """argmax_pi E_pi[r] - beta KL(pi_ref || pi): stationarity gives r_i + beta pi_ref_i / pi_i = lam,
+    so pi_i = beta pi_ref_i / (lam - r_i) with lam > max r such that they sum to 1 (bisection)."""
+    lo, hi = r.max().item() + 1e-9, r.max().item() + beta * 10
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        total = (beta * ref_probs / (lam - r)).sum().item()
+        lo, hi = (lam, hi) if total > 1 else (lo, lam)
+    return beta * ref_probs / (lam - r)
+
+
+def run_bandit(kl_in, beta, ref_logits, r, updates=400, groups=64, group_size=8):
+    """The real grpo.optimise on a one-token bandit (TabularPolicy) with leave-one-out advantages,
+    the KL in the reward (k1) or in the loss (k3); returns pi averaged over the last quarter."""
+    torch.manual_seed(0)
+    policy, pad, V = TabularPolicy(ref_logits), len(r), len(r)
+    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=groups * group_size, clip_eps=0.2, aggregation="sequence")
+    opt = torch.optim.Adam(policy.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if i < updates // 2 else 0.2)
+    ref_logp_all, mean_probs = torch.log_softmax(ref_logits, 0), torch.zeros(V)
+    for update in range(updates):
+        with torch.no_grad():
+            arms = torch.multinomial(torch.softmax(policy.theta, 0), groups * group_size, replacement=True)
+            tokens = torch.stack([torch.zeros_like(arms), arms], 1)
+            logp = torch.log_softmax(policy.theta, 0)[arms][:, None]
+        ref_logp, mask = ref_logp_all[arms][:, None], torch.ones(len(arms), 1)
+        scores = r[arms] - (beta * kl.sequence_kl(logp, ref_logp, mask, "k1") if kl_in == "reward" else 0)
+        batch = dict(tokens=tokens, logp=logp, ref_logp=ref_logp, mask=mask,
+                     advantages=grpo.rloo_advantages(scores, group_size))
+        grpo.optimise(policy, batch, opt, cfg, beta if kl_in == "loss" else 0.0, pad, "cpu", "fp32",
+                      1e-5 if update == 0 else None)
+        sched.step()
+        if update >= updates * 3 // 4:
+            mean_probs += torch.softmax(policy.theta.detach(), 0) / (updates - updates * 3 // 4)
+    return mean_probs
+
+
+def test_bandit_kl_in_reward_lands_on_pi_star_and_in_loss_on_the_other_optimum():
+    """k1 in the reward: the optimum of E[r] - beta KL(pi || pi_ref), pi* = pi_ref exp(r / beta) / Z.
+    k3 in the loss: its gradient is that of KL(pi_ref || pi), so it lands on the maximiser of
+    E[r] - beta KL(pi_ref || pi) instead (kl.py's table). Leave-one-out advantages keep the reward's
+    gradient unbiased and unscaled, so only the KL's place differs between the two runs."""
+    ref_logits, r, beta = torch.tensor([0.0, 0.7, 1.1, 1.4]), torch.tensor([1.0, 0.5, 0.0, -0.5]), 0.5
+    ref_probs = torch.softmax(ref_logits, 0)
+    pi_star = torch.softmax(ref_logits + r / beta, 0)
+    pi_forward = forward_kl_optimum(ref_probs, r, beta)
+    tv = lambda p, q: 0.5 * (p - q).abs().sum().item()
+    assert pi_forward.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert tv(pi_star, pi_forward) > 0.1 and tv(pi_star, ref_probs) > 0.3  # three distinct answers
+    in_reward, in_loss = run_bandit("reward", beta, ref_logits, r), run_bandit("loss", beta, ref_logits, r)
+    assert tv(in_reward, pi_star) < 1e-3, (in_reward, pi_star)  # there every answer scores beta log Z: A = 0
+    assert tv(in_loss, pi_forward) < 0.01, (in_loss, pi_forward)
+    assert tv(in_loss, pi_star) > 0.08
+
+
+PROMPTS = ["the film", "i loved", "the acting", "it was", "we", "the cast was"]
+TEXTS = ["the film was good. i loved it.", "the acting was bad. we left.", "it was fine. the cast was good."] * 20
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tok.train_tokenizer(TEXTS, 300)
+
+
+@pytest.mark.parametrize("variant", sorted(grpo.VARIANTS))
+def test_short_run_raises_a_trivial_reward(enc, variant):
+    """Reward = share of response tokens equal to one token: each variant must raise it, with KL
+    0 and ratio 1 before the first step (train_grpo's checks) and the same record keys as PPO's."""
+    target, pad = tok.encode(enc, " good")[0], tok.pad_id(enc)
+
+    def score_fn(tokens, P):
+        resp = tokens[:, P:]
+        real = (resp != pad).float()
+        return ((resp == target).float() * real).sum(1) / real.sum(1).clamp(min=1)
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    advantage, aggregation, kl_in = grpo.VARIANTS[variant]
+    cfg = grpo.GRPOConfig(updates=20, rollouts=48, group_size=8, minibatch_size=24, lr=1e-2, advantage=advantage,
+                          aggregation=aggregation, kl_in=kl_in, kl_controller="fixed", beta=0.01, no_eos_score=None,
+                          max_new_tokens=8, eval_every=100)
+    records = []
+    _, history = grpo.train_grpo(policy, freeze(policy), score_fn, enc, PROMPTS * 20, cfg, log=records.append)
+    assert len(history) == 20 and records == history
+    first = sum(h["proxy_reward"] for h in history[:3]) / 3
+    last = sum(h["proxy_reward"] for h in history[-3:]) / 3
+    assert first < 0.05 and last > 0.3, (first, last)
+    assert abs(history[0]["kl_exact"]) < 1e-6 and history[-1]["kl_exact"] > 0.1
+    for key in ("gold_reward", "kl", "kl_max", "beta", "entropy", "clipfrac", "approx_kl", "policy_loss",
+                "length", "valid_rate", "distinct_2", "eos_rate", "eta_s", "zero_std_groups"):
+        assert math.isfinite(history[-1][key]), key
+
+
+def test_groups_are_one_prompt_answered_group_size_times(enc, monkeypatch):
+    seen = []
+    rollout = grpo.rollout
+    monkeypatch.setattr(grpo, "rollout", lambda *a, **k: seen.append(a[5]) or rollout(*a, **k))
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    cfg = grpo.GRPOConfig(updates=2, rollouts=12, group_size=4, minibatch_size=12, max_new_tokens=4)
+    grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg,
+                    log=lambda r: None)
+    for prompts in seen:
+        groups = [prompts[i:i + 4] for i in range(0, 12, 4)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 3
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        grpo.train_grpo(policy, freeze(policy), None, enc, PROMPTS, grpo.GRPOConfig(rollouts=10, group_size=4))
+
+
+def test_kl_check_fires_at_update_zero(enc):
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    cfg = grpo.GRPOConfig(updates=1, rollouts=8, group_size=4, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="update 0"):
+        grpo.train_grpo(policy, freeze(tiny_gpt(enc, 1, block_size=16, n_layer=1)),
+                        lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg, log=lambda r: None)
