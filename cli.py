@@ -3,6 +3,7 @@ Every knob of `python train.py`, in one place: the presets (model, data and step
 preset changes, and the flags, each with its line of --help and a check that stops bad input with one line.
 """
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -12,6 +13,7 @@ from grpo import VARIANTS
 # Model, data and steps per preset: "cpu" fits a laptop or 2 cores (the default without CUDA), "tiny"
 # is CI's smoke test, "gpu" is about nanoGPT's shakespeare-char size. The RL stages' configs
 # (RewardConfig, PPOConfig, GRPOConfig, DPOConfig) default to the cpu preset; STAGE_OVERRIDES has the others.
+# Online DPO drops RPO's NLL term: on the policy's own answers it did worse here (docs/experiments.md).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1024, n_pretrain=4000,
                  n_sft=2000, eval_prompts=128, pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3),
@@ -24,12 +26,12 @@ STAGE_OVERRIDES = {
     "tiny": dict(reward=dict(n_prompts=200, world_groups=300, steps=100),
                  ppo=dict(updates=8, rollouts=32, eval_every=4), dpo=dict(max_steps=40, batch_size=16),
                  grpo=dict(updates=8, rollouts=32, eval_every=4),
-                 dpo_online=dict(online_steps=8, batch_size=16)),
-    "cpu": dict(reward={}, ppo={}, dpo={}, grpo={}, dpo_online={}),
+                 dpo_online=dict(online_steps=8, batch_size=16, sft_coef=0.0)),
+    "cpu": dict(reward={}, ppo={}, dpo={}, grpo={}, dpo_online=dict(sft_coef=0.0)),
     "gpu": dict(reward=dict(n_prompts=2000, steps=500), dpo=dict(max_steps=300, batch_size=64),
                 ppo=dict(updates=150, rollouts=256, minibatch_size=64),
                 grpo=dict(updates=150, rollouts=256, minibatch_size=64),
-                dpo_online=dict(online_steps=150, batch_size=128)),
+                dpo_online=dict(online_steps=150, batch_size=128, sft_coef=0.0)),
 }
 ALGOS = {"ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "dpo-online": "online DPO"}  # --algo: name -> label
 
@@ -78,8 +80,10 @@ class Args:  # every flag with its line of --help; None: the preset's (or the st
 
 
 def fail(msg):
-    """Bad input: one line naming the problem, exit code 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    """Bad input: one line naming the problem, exit code 2, no traceback. Under torchrun every rank has the
+    same input and stops: rank 0 alone says why."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -19,29 +19,29 @@ def init(device="cpu", timeout_s=300):
     return rank(), world_size()
 
 
-# in a group?, this rank (0 to N - 1), N, rank 0?, wait for all, leave the group, a tensor's mean over the
-# ranks, and this rank's rows of a global batch of n: [n r / N, n (r + 1) / N), all of them in one process
-def on(): return td.is_available() and td.is_initialized()
-def rank(): return td.get_rank() if on() else 0
-def world_size(): return td.get_world_size() if on() else 1
-def is_main(): return rank() == 0
-def barrier(): return td.barrier() if on() else None
-def close(): return td.destroy_process_group() if on() else None
-def all_mean(x): return all_sum(x) / world_size()
-def shard(n): return slice(n * rank() // world_size(), n * (rank() + 1) // world_size())
+def on(): return td.is_available() and td.is_initialized()  # in a group (under torchrun)?
+def rank(): return td.get_rank() if on() else 0  # this rank, 0 to N - 1
+def world_size(): return td.get_world_size() if on() else 1  # N
+def is_main(): return rank() == 0  # rank 0 alone writes files and prints
+def barrier(): return td.barrier() if on() else None  # wait for every rank
+def close(): return td.destroy_process_group() if on() else None  # leave the group
+def all_mean(x): return all_sum(x) / world_size()  # a tensor's mean over the ranks
+def all_max(x): return all_sum(x, "MAX")  # its max over the ranks
+def shard(n): return slice(n * rank() // world_size(), n * (rank() + 1) // world_size())  # my rows of n
+def gather(obj): return td.all_gather_object(out := [obj] * world_size(), obj) or out if on() else [obj]
 
 
-def per_rank(n):
-    """n / N; ValueError unless N divides n (where the ranks must take the same number of steps)."""
+def per_rank(n):  # n / N; a ValueError unless N divides n (where the ranks must take the same steps)
     if n % world_size():
         raise ValueError(f"{n} does not split evenly over {world_size()} ranks")
     return n // world_size()
 
 
-def all_sum(x):
-    """A copy of tensor x summed over the ranks (x itself in one process); all_mean: averaged."""
+def all_sum(x, op="SUM"):
+    """A copy of tensor x summed over the ranks (x itself in one process). gather(obj): every rank's obj
+    (picklable: texts, CPU tensors of any length), in rank order ([obj] in one process)."""
     if on():
-        td.all_reduce(x := x.detach().clone())
+        td.all_reduce(x := x.detach().clone(), getattr(td.ReduceOp, op))
     return x
 
 

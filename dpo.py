@@ -6,8 +6,7 @@ so every policy is optimal for r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) + bet
 Bradley-Terry likelihood of the labels Z cancels in chosen - rejected: fitting that reward to the
 preferences IS training the policy, supervised, on the reward model's pairs, against PPO's frozen reference.
 Offline (train_dpo) the pairs are the SFT policy's answers, labelled once; online (train_online_dpo, Guo et
-al. 2024, "Direct Language Model Alignment from Online AI Feedback"), the policy's own, judged as it learns.
-"""
+al. 2024, "Direct Language Model Alignment from Online AI Feedback"), the policy's own, judged as it goes."""
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import dist
 import tokenizer as tok
 from model import adamw, autocast
 from reference import response_mask, token_logprobs
@@ -118,22 +118,25 @@ def dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device="cpu", dtype="fp3
     """One step on n pairs: tokens (2n, T), the chosen rows then the rejected ones (pad_id: left-padded), mask
     (2n, T-1) on their responses, ref_logps (2n,) the reference's. loss = mean dpo_loss + sft_coef x NLL per
     token of the chosen (RPO, Pang et al. 2024: keep them likely, not lost to unrated, often invalid text).
-    -> detached 0-d figures from before the step: loss, chosen_reward, rejected_reward, margin, accuracy..."""
-    n = len(tokens) // 2
+    -> detached 0-d figures from before the step, of every rank: loss, chosen_reward, margin, accuracy..."""
+    n, n_tok = len(tokens) // 2, mask.sum(1)
     with autocast(device, dtype):
         logps = sequence_logps(policy, tokens, mask, pad_id)
-    n_tok = mask.sum(1)
     lengths = (n_tok[:n], n_tok[n:]) if cfg.ipo_per_token else (None, None)
     losses, r_w, r_l = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta, cfg.loss_type,
                                 cfg.label_smoothing, *lengths)
-    nll = -logps[:n].sum() / n_tok[:n].sum()  # of the chosen answers, per token
-    loss = losses.mean() + cfg.sft_coef * nll
+    w = dist.rank_weight(torch.tensor(n, device=logps.device))  # data-parallel: this rank's pairs' share
+    mean = lambda x: (x.float().mean() if n else x.float().sum()) * w  # none here: 0, in the gradient average
+    nll = -logps[:n].sum() / n_tok[:n].sum().clamp(min=1) * dist.rank_weight(n_tok[:n].sum())  # per token
+    loss = mean(losses) + cfg.sft_coef * nll
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.average_gradients(policy.parameters())
     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     opt.step()
-    return dict(loss=loss.detach(), chosen_reward=r_w.mean(), rejected_reward=r_l.mean(),
-                margin=(h := r_w - r_l).mean(), accuracy=(h > 0).float().mean(), chosen_nll=nll.detach())
+    figures = dict(loss=loss.detach(), chosen_reward=mean(r_w), rejected_reward=mean(r_l),
+                   margin=mean(h := r_w - r_l), accuracy=mean(h > 0), chosen_nll=nll.detach())
+    return dict(zip(figures, dist.all_mean(torch.stack(list(figures.values()))).unbind()))
 
 
 def dpo_loop(policy, stage, steps, next_batch, figures, cfg, device, dtype, log, eval_fn, pad_id=None):
@@ -145,7 +148,7 @@ def dpo_loop(policy, stage, steps, next_batch, figures, cfg, device, dtype, log,
     records, last_eval, ranked, n_pairs, t0 = [], {}, [], 0, time.time()
     for step in range(steps):
         tokens, mask, ref_logps = next_batch(step)
-        n = len(tokens) // 2
+        n = int(dist.all_sum(torch.tensor(len(tokens) // 2, device=device)))  # every rank's pairs
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup)
         stats = dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device, dtype, pad_id) if n else {}
@@ -174,35 +177,34 @@ def implicit_accuracy(policy, tokens, mask, ref_logps, device="cpu", dtype="fp32
 
 def train_dpo(policy, ref, enc, pairs, cfg: DPOConfig, device="cpu", dtype="fp32", log=print,
               eval_fn=None, val_pairs=None):
-    """Train `policy` in place with DPO -> (policy, history). ref: the frozen reference, its log-probs
-    precomputed once (None: the policy as it is now). cfg.sources "policy" keeps pairs with "source"
-    "policy" (or none). log(dict) gets a record (batch means) every log_every steps, plus eval_fn(policy)'s
-    dict, "eval_"-prefixed, every eval_every steps and at the end, then also val_accuracy (implicit accuracy
-    on val_pairs). history: {"records", "eval" (last eval_fn dict), "implicit_accuracy" (None without
-    val_pairs), "seconds", "n_pairs" (used), "n_dropped" (too long), "epochs"}."""
-    t_start = time.time()
+    """Train `policy` in place with DPO -> (policy, history). ref: the frozen reference (None: the policy as
+    it is now), its log-probs computed once (data-parallel: on this rank's share of each step's pairs only).
+    cfg.sources "policy" keeps pairs with "source" "policy" (or none). log(dict) gets dpo_loop's records, the
+    last with val_accuracy (implicit accuracy on val_pairs). history: {"records", "eval" (last eval_fn dict),
+    "implicit_accuracy" (None without val_pairs), "seconds", "n_pairs" (used), "n_dropped", "epochs"}."""
     if cfg.sources not in ("policy", "all"):
         raise ValueError(f"DPOConfig.sources {cfg.sources!r}: use 'policy' or 'all'")
     pairs = [p for p in pairs if cfg.sources == "all" or p.get("source", "policy") == "policy"]
-    ref = policy if ref is None else ref
-    gen = torch.Generator().manual_seed(cfg.seed)
+    ref, t_start, gen = policy if ref is None else ref, time.time(), torch.Generator().manual_seed(cfg.seed)
     tokens, mask, dropped = encode_pairs(enc, pairs, policy.cfg.block_size)
     B, n_all = cfg.batch_size, len(tokens)
     steps = min(math.ceil(cfg.epochs * n_all / B), cfg.max_steps)
     if steps * B < n_all:  # a random subset suffices; the reference need not see the rest
         keep = torch.randperm(n_all, generator=gen)[:steps * B]
         tokens, mask = tokens[keep], mask[keep]
-    ref_logps = pair_logps(ref, tokens, mask, device, dtype).to(device)
-    if val_pairs:
-        val_tokens, val_mask, _ = encode_pairs(enc, val_pairs, policy.cfg.block_size)
-        val = (val_tokens, val_mask, pair_logps(ref, val_tokens, val_mask, device, dtype))
     order = torch.cat([torch.randperm(len(tokens), generator=gen)  # epochs: every pair once, then again
                        for _ in range(math.ceil(steps * B / len(tokens)))])
+    batch = lambda step: order[step * B:(step + 1) * B][dist.shard(B)]  # this rank's pairs of a step's
+    mine, ref_logps = torch.cat([batch(s) for s in range(steps)]).unique(), torch.zeros(len(tokens), 2)
+    ref_logps[mine] = pair_logps(ref, tokens[mine], mask[mine], device, dtype)  # the reference: once
+    if val_pairs:  # every rank judges all of them
+        val_tokens, val_mask, _ = encode_pairs(enc, val_pairs, policy.cfg.block_size)
+        val = (val_tokens, val_mask, pair_logps(ref, val_tokens, val_mask, device, dtype))
 
     def next_batch(step):
-        idx = order[step * B:(step + 1) * B]
+        idx = batch(step)
         t, m = (x.to(device) for x in flatten_pairs(tokens[idx], mask[idx]))
-        return t, m, torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])
+        return t, m, torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]]).to(device)
     figures = lambda step: {"epoch": (step + 1) * B / n_all, **({"val_accuracy": implicit_accuracy(
         policy.eval(), *val, device, dtype)} if val_pairs and step == steps - 1 else {})}  # held out, at last
     records, last_eval, _ = dpo_loop(policy.train(), "dpo", steps, next_batch, figures, cfg, device, dtype,
@@ -211,8 +213,6 @@ def train_dpo(policy, ref, enc, pairs, cfg: DPOConfig, device="cpu", dtype="fp32
         "val_accuracy"), seconds=time.time() - t_start, n_pairs=len(tokens), n_dropped=dropped,
         epochs=steps * B / n_all)
 
-
-# ----------------------------------------------------------------------------- online DPO
 
 def reward_model_judge(rm, pad_id):
     """The default judge (train_online_dpo): the reward model PPO maximises; the higher reward.score wins."""
@@ -267,26 +267,26 @@ def judged_pairs(policy, ref, judge, enc, prompts, cfg, device="cpu", dtype="fp3
 def train_online_dpo(policy, ref, enc, prompts, judge, cfg: DPOConfig, device="cpu", dtype="fp32", log=print,
                      eval_fn=None):
     """Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): cfg.online_steps dpo_steps, each on batch_size
-    prompts answered twice by the policy as it is now, judged (judged_pairs); `ref`: the frozen reference.
-    judge(texts_a, texts_b, tokens_a, tokens_b, prompt_len) -> (B,) > 0 a wins, < 0 b, 0 tie (or bools, True:
-    a); texts: prompt + answer; tokens (B, T). Default reward_model_judge; the annotators fit as
-        lambda texts_a, texts_b, *_: [world.annotate(a, b, rng, tau, bias) for a, b in zip(texts_a, texts_b)]
-    sample_every k > 1: iterative DPO (Xiong et al. 2024), a round's k batches sampled at its first step.
+    prompts answered twice by the policy as it is now (data-parallel: each rank its share, its own seed),
+    judged (judged_pairs) by judge(texts_a, texts_b, tokens_a, tokens_b, prompt_len) -> (B,) > 0 a wins, < 0
+    b, 0 tie (or bools, True: a), e.g. reward_model_judge; texts: prompt + answer; tokens (B, T). `ref`: the
+    frozen reference. sample_every k > 1: iterative DPO (Xiong et al. 2024), k steps per round of sampling.
     -> (policy, history: records, eval, seconds, implicit_accuracy (pairs of the last tenth of the steps
     ranked as the judge did, before learning them: fresh, held out), n_pairs (in the loss), n_tie, n_unended,
     n_skipped, skipped_share (of pairs sampled), steps_skipped (no usable pair), judge_calls (answers))."""
-    t_start, B, steps, k = time.time(), cfg.batch_size, cfg.online_steps, cfg.sample_every
-    gen, sampler = torch.Generator().manual_seed(cfg.seed), torch.Generator(device).manual_seed(cfg.seed)
+    t_start, B, steps, k, r = time.time(), cfg.batch_size, cfg.online_steps, cfg.sample_every, dist.rank()
+    gen, sampler = torch.Generator().manual_seed(cfg.seed), torch.Generator(device).manual_seed(cfg.seed + r)
     queue = [prompts[i] for _ in range(-(-steps * B // len(prompts)))
              for i in torch.randperm(len(prompts), generator=gen).tolist()]
-    batches, counts = {}, []  # counts: per step (pairs kept, ties, unended)
+    batches, counts = {}, []  # counts: per step (pairs kept, ties, unended) of every rank
 
     def next_batch(step):
         for s in range(step, min(step + k, steps)) if step % k == 0 else ():  # a round's pairs, from pi now
-            batches[s] = judged_pairs(policy, ref, judge, enc, queue[s * B:(s + 1) * B], cfg, device, dtype,
-                                      sampler, check=step == 0)
+            batches[s] = judged_pairs(policy, ref, judge, enc, queue[s * B:(s + 1) * B][dist.shard(B)], cfg,
+                                      device, dtype, sampler, check=s == 0)  # this rank's prompts
         b = batches.pop(step)
-        counts.append((len(b["tokens"]) // 2, b["n_tie"], b["n_unended"]))
+        counts.append(dist.all_sum(torch.tensor([len(b["tokens"]) // 2, b["n_tie"], b["n_unended"]],
+                                                device=device)).tolist())
         return b["tokens"], b["mask"], b["ref_logps"]
     figures = lambda step: {"skipped_share": 1 - counts[step][0] / B, "judge_calls": 2 * B * (step + 1)}
     records, last_eval, ranked = dpo_loop(policy.eval(), "dpo_online", steps, next_batch, figures, cfg,

@@ -13,6 +13,7 @@ held-out prompt, sampled at temperature 1, no top-k / top-p (the policy as it is
 """
 import torch
 
+import dist
 import tokenizer as tok
 import world
 from kl import full_kl, sequence_kl
@@ -33,7 +34,9 @@ def evaluate_policy(model, enc, prompts, max_new_tokens, device, dtype="fp32", r
                     seed=1234, gold_fn=world.gold_reward, valid_fn=world.is_valid, batch_size=256):
     """(metrics dict, full texts) of `model` answering `prompts` (module docstring). score_fn(tokens (B, T),
     prompt_len) -> (B,) proxy rewards, e.g. reward.score. Sampling draws from its own seeded generator, so an
-    evaluation never shifts the training's random stream. valid_fn None: validity is not measured."""
+    evaluation never shifts the training's random stream. valid_fn None: validity is not measured.
+    Data-parallel, every rank runs the whole of it, the same on each (same weights, seed, prompts): simpler
+    than sharding and gathering, the figures do not depend on N, and it is small next to training."""
     pad, eos = tok.pad_id(enc), tok.eos_id(enc)
     gen = torch.Generator(device).manual_seed(seed)
     texts, ended, kls, proxy = [], [], [], []
@@ -73,15 +76,21 @@ def gold_scores(enc, tokens, prompt_len, gold_fn=world.gold_reward):
 def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     """The figures of an RL rollout batch `ro` (ppo.rollout's dict: logp, ref_logp, logits, ref_logits, mask,
     scores, ended, texts): kl is the k1 estimate per answer, kl_exact / kl_max the exact KL(pi || pi_ref) per
-    answer (full_kl summed over its tokens), entropy per response token, length in tokens."""
+    answer (full_kl summed over its tokens), entropy per response token, length in tokens. Data-parallel,
+    the figures of every rank's answers: ranks hold as many answers each, so a mean is the ranks' means'
+    mean (entropy, per token, weighted by the ranks' token counts); distinct_2 over all their texts."""
     mask, texts = ro["mask"], ro["texts"]
     kl_exact = (full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)
     logp_all = torch.log_softmax(ro["logits"], -1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return {"proxy_reward": ro["scores"].mean().item(), "gold_reward": sum(map(gold_fn, texts)) / len(texts),
-            "kl": sequence_kl(ro["logp"], ro["ref_logp"], mask).mean().item(),
-            "kl_exact": kl_exact.mean().item(), "kl_max": kl_exact.max().item(),
-            "entropy": (torch.where(mask.bool(), entropy, 0.0).sum() / mask.sum()).item(),
-            "length": mask.sum(1).mean().item(),
-            "valid_rate": sum(map(valid_fn, texts)) / len(texts) if valid_fn else float("nan"),
-            "distinct_2": world.distinct_n(texts, 2), "eos_rate": ro["ended"].float().mean().item()}
+    share = lambda fn: sum(map(fn, texts)) / len(texts) if fn else float("nan")
+    means = {"proxy_reward": ro["scores"].mean(), "gold_reward": share(gold_fn),
+             "kl": sequence_kl(ro["logp"], ro["ref_logp"], mask).mean(), "kl_exact": kl_exact.mean(),
+             "entropy": torch.where(mask.bool(), entropy, 0.0).sum() / mask.sum()  # this rank's term
+                        * dist.rank_weight(mask.sum()),
+             "length": mask.sum(1).mean(), "valid_rate": share(valid_fn),
+             "eos_rate": ro["ended"].float().mean()}
+    values = dist.all_mean(torch.tensor([float(v) for v in means.values()], dtype=torch.float64,
+                                        device=mask.device)).tolist()  # one all-reduce; float64: exact
+    return {**dict(zip(means, values)), "kl_max": dist.all_max(kl_exact.max()).item(),
+            "distinct_2": world.distinct_n(sum(dist.gather(texts), []), 2)}

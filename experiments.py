@@ -4,7 +4,7 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py hacking    --out out   # beta = 0 against the adaptive controller
     python experiments.py controller --out out   # the adaptive controller holds its KL target
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
-    python experiments.py frontier   --out out   # gold reward against KL: PPO, GRPO, RLOO, DPO
+    python experiments.py frontier   --out out   # gold reward against KL: PPO, GRPO, RLOO, DPO, online
     python experiments.py klplace    --out out   # GRPO: k3 in the loss against k1 in the reward
     python experiments.py gold       --out out   # GRPO on the gold reward: beta = 0 against the controller
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -368,17 +369,46 @@ def run_dpo(env, label, cfg):
     return result
 
 
+def run_dpo_online(env, label, cfg, judge="model"):
+    """Online DPO from the SFT model (dpo.train_online_dpo): each step's pairs are the policy's own fresh
+    answers, labelled by the reward model (judge "model": the proxy PPO maximises, as many calls as PPO's
+    at the default budget) or the simulated annotators ("annotators"); kept in OUT/dpo_online_runs/."""
+    path = run_file(env["out"], "dpo_online_runs", label, cfg, env["dtype"])
+    cached = cached_run(path, cfg, env, judge)
+    if cached:
+        return cached
+    rng, r = random.Random(cfg.seed), env["source"]["reward"]
+    judge_fn = dpo.reward_model_judge(env["rm"], tok.pad_id(env["enc"])) if judge == "model" else \
+        lambda texts_a, texts_b, *_: [world.annotate(x, y, rng, r["annotator_tau"], r["annotator_bias"])
+                                      for x, y in zip(texts_a, texts_b)]
+    log = lambda rec: print(f"{label:>14} {rec['step'] + 1:>4} | loss {num(rec.get('loss'))} margin "
+                            f"{num(rec.get('margin'), '+.2f')} skipped {rec['skipped_share']:.2f} | "
+                            f"{rec['pairs_per_s']:.0f} pairs/s eta {rec['eta_s']:.0f}s", flush=True)
+    t0 = time.time()
+    policy, hist = dpo.train_online_dpo(trainable(env["sft"]), env["ref"], env["enc"],
+                                        env["data"]["train_prompts"], judge_fn, cfg, env["device"],
+                                        env["dtype"], log, lambda m: evaluate(env, m)[0])
+    metrics, samples = evaluate(env, policy)
+    final = {**metrics, "kl_forward": forward_kl(env, policy), **{k: hist[k] for k in (
+        "implicit_accuracy", "skipped_share", "judge_calls", "n_pairs")}}
+    result = dict(label=label, config=asdict(cfg), reward=judge, source=env["source"],
+                  seconds=time.time() - t0, final=final, samples=samples)
+    write_run(path, result)
+    return result
+
+
 def plain_dpo(cfg):
     """Plain DPO (Rafailov et al. 2023; no NLL term) at its best budget here: it overfits the
     pairs beyond ~100 steps. The default DPOConfig is DPO + NLL (RPO), leash's default."""
     return replace(cfg, sft_coef=0.0, lr=1e-4, max_steps=min(cfg.max_steps, 100))
 
 
-def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas):
+def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas, online_betas):
     """The reward-KL frontier (Rafailov et al. 2023, fig. 2 left, in miniature): gold reward
     against the exact KL to the reference on the held-out prompts, for PPO, GRPO and RLOO with the
     adaptive controller at several KL targets, and plain DPO and DPO + NLL (RPO, leash's default) at
-    several betas; every policy from the same SFT model, judged by the same evaluation."""
+    several betas, and online DPO (plain: fresh pairs judged by the reward model, as many reward-model calls
+    as PPO) at several betas; every policy from the same SFT model, judged by the same evaluation."""
     plt = pyplot()
     base = sft_baseline(env)
     ppo_runs = [run_ppo(env, f"target {t:g}", replace(cfg, kl_target=t), out) for t in targets]
@@ -386,14 +416,17 @@ def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas):
                              for t in targets] for v in ("grpo", "rloo"))
     dpo_runs = [run_dpo(env, f"DPO beta={b:g}", replace(plain_dpo(dcfg), beta=b)) for b in dpo_betas]
     rpo_runs = [run_dpo(env, f"RPO beta={b:g}", replace(dcfg, beta=b)) for b in dpo_betas]
+    online_runs = [run_dpo_online(env, f"online DPO beta={b:g}", replace(dcfg, beta=b, sft_coef=0.0))
+                   for b in online_betas]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([0], [base["final"]["gold_reward"]], color="gray", marker="*", s=120, label="SFT", zorder=3)
-    target = lambda r: r["config"]["kl_target"]
+    target, beta = lambda r: r["config"]["kl_target"], lambda r: r["config"]["beta"]
     for runs, name, marker, knob in ((ppo_runs, "PPO (KL target)", "o", target),
                                      (grpo_runs, "GRPO (KL target)", "D", target),
                                      (rloo_runs, "RLOO (KL target)", "v", target),
                                      (dpo_runs, "DPO (beta)", "s", lambda r: r["config"]["beta"]),
-                                     (rpo_runs, "DPO + NLL, RPO (beta)", "^", lambda r: r["config"]["beta"])):
+                                     (rpo_runs, "DPO + NLL, RPO (beta)", "^", lambda r: r["config"]["beta"]),
+                                     (online_runs, "online DPO (beta)", "P", beta)):
         runs = sorted(runs, key=lambda r: r["final"]["kl"])  # a frontier is drawn along KL
         xs, ys = [r["final"]["kl"] for r in runs], [r["final"]["gold_reward"] for r in runs]
         ax.plot(xs, ys, marker + "-", label=name)
@@ -401,12 +434,12 @@ def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas):
             ax.annotate(f"{knob(r):g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="KL(pi || pi_ref) on held-out prompts, nats per answer", ylabel="gold reward",
            title="reward-KL frontier: every point one policy")
-    every = ppo_runs + grpo_runs + rloo_runs + dpo_runs + rpo_runs
+    every = ppo_runs + grpo_runs + rloo_runs + dpo_runs + rpo_runs + online_runs
     kl_scale(ax.set_xscale, [r["final"]["kl"] for r in every])
     ax.legend(fontsize=8)
     print("\n" + table([base] + every) + "\n")
     save(out, "frontier", dict(sft=base, ppo=ppo_runs, grpo=grpo_runs, rloo=rloo_runs, dpo=dpo_runs,
-                               rpo=rpo_runs), fig)
+                               rpo=rpo_runs, dpo_online=online_runs), fig)
     return every
 
 
@@ -758,6 +791,8 @@ def main(argv=None):
                         help="klplace: GRPO's fixed beta values")
     parser.add_argument("--dpo-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
                         help="frontier: DPO's beta values")
+    parser.add_argument("--online-beta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0],
+                        help="frontier: online DPO's beta values")
     parser.add_argument("--dpo-steps", type=int, default=None,
                         help="DPO steps at most (default: the run preset's; plain DPO at most 100)")
     parser.add_argument("--n", type=int, default=256, help="kl: samples per answer length")
@@ -792,7 +827,8 @@ def run_experiment(name, args, device):
     elif name == "overopt":
         overopt(env, cfg, args.out, args.beta)
     elif name == "frontier":
-        frontier(env, cfg, gcfg, dcfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta)
+        frontier(env, cfg, gcfg, dcfg, args.out, args.kl_target or [1.0, 2.0, 4.0, 8.0], args.dpo_beta,
+                 args.online_beta)
     elif name == "klplace":
         kl_place(env, gcfg, args.out, args.grpo_beta)
     elif name == "gold":

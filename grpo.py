@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+import dist
 import kl
 import tokenizer as tok
 import world
@@ -51,8 +52,8 @@ class GRPOConfig:
     aggregation: str = "sequence"   # sequence | token | constant (see grpo_loss)
     kl_in: str = "loss"             # loss (k3, GRPO) | reward (k1, RLOO and PPO)
     kl_controller: str = "adaptive"  # adaptive | fixed | schedule, as PPO's
-    beta: float = 0.04              # KL coefficient at the start (DeepSeekMath's 0.04)
-    beta_end: float = 0.04          # schedule: the final beta
+    beta: float = 0.3               # KL coefficient at the start (as PPO's; DeepSeekMath fixed 0.04)
+    beta_end: float = 0.3           # schedule: the final beta
     kl_target: float = 2.0          # adaptive: the wanted exact KL(pi || pi_ref), nats per answer
     kl_horizon: int = 256
     no_eos_score: float | None = -2.0  # an answer without EOS gets this score instead (as PPO)
@@ -65,13 +66,14 @@ class GRPOConfig:
 def group_advantages(scores, group_size, scale="group"):
     """scores (N,) in consecutive groups of group_size answers to one prompt -> (N,) fp32 advantages
     s - mean(group), divided by the group's std (Bessel) + 1e-4 for scale "group" (GRPO), by the std of all N
-    + 1e-4 for "batch", or not at all for "none" (Dr. GRPO). A group of equal scores gets 0 (not NaN)."""
+    + 1e-4 for "batch" (data-parallel: of every rank's), or not at all for "none" (Dr. GRPO). A group of equal
+    scores gets 0 (not NaN)."""
     groups = scores.float().view(-1, group_size)
     centred = (groups - groups.mean(1, keepdim=True)).flatten()
     if scale == "group":
         return centred / (groups.std(1).repeat_interleave(group_size) + 1e-4)
     if scale == "batch":
-        return centred / (scores.float().std() + 1e-4)
+        return centred / (torch.cat(dist.gather(scores.float().cpu())).to(scores.device).std() + 1e-4)
     if scale == "none":
         return centred
     raise ValueError(f"unknown advantage scale {scale!r}: use group, batch or none")
@@ -91,7 +93,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     advantages (N,) (every token of an answer gets its answer's) or (N, T). Per token, rho = exp(logp -
     old_logp):   l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3(logp, ref_logp)
     aggregated "sequence": mean over each answer's tokens, then over answers (GRPO); "token": mean over all
-    response tokens (DAPO, Yu et al. 2025); "constant": sum / (N * T) (Dr. GRPO). -> 0-d fp32 tensor."""
+    response tokens (DAPO, Yu et al. 2025); "constant": sum / (N * T) (Dr. GRPO). -> 0-d fp32 tensor.
+    Data-parallel, this rank's term of the loss over every rank's answers: "token" weighs its mean by its
+    share of the tokens (dist.rank_weight) and "constant" takes T, the width, as the widest rank's."""
     m = mask.bool()
     adv = advantages.float()[:, None] if advantages.dim() == 1 else advantages.float()
     ratio = torch.exp(torch.where(m, logp.float() - old_logp.float(), 0.0))
@@ -102,21 +106,22 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     if aggregation == "sequence":
         return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
     if aggregation == "token":
-        return per_token.sum() / mask.sum().clamp(min=1)
+        return per_token.sum() / mask.sum().clamp(min=1) * dist.rank_weight(mask.sum())
     if aggregation == "constant":
-        return per_token.sum() / (mask.shape[0] * mask.shape[1])
+        return per_token.sum() / (mask.shape[0] * int(dist.all_max(torch.tensor(mask.shape[1]))))
     raise ValueError(f"unknown aggregation {aggregation!r}: use sequence, token or constant")
 
 
 def optimise(policy, batch, optimizer, cfg, beta, pad_id, device, dtype, check_tol=None):
     """epochs passes of shuffled minibatches over a rollout batch (tokens (N, T+1); logp, ref_logp, mask
     (N, T); advantages (N,)), in place. beta: the k3 coefficient in the loss (0 when the KL is in the
-    reward). check_tol: the first ratios must be 1 within this. Returns the minibatch means of the stats."""
-    N, sums, n = batch["mask"].shape[0], {}, 0
+    reward). check_tol: the first ratios must be 1 within this. Returns the minibatch means of the stats.
+    Data-parallel, `batch` is this rank's share, each minibatch too, and the stats are every rank's."""
+    N, sums, n, size = batch["mask"].shape[0], {}, 0, dist.per_rank(cfg.minibatch_size)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(N, device=device)
-        for start in range(0, N, cfg.minibatch_size):
-            mb = {k: v[perm[start:start + cfg.minibatch_size]] for k, v in batch.items()}
+        for start in range(0, N, size):
+            mb = {k: v[perm[start:start + size]] for k, v in batch.items()}
             with autocast(device, dtype):
                 logp = token_logprobs(policy, mb["tokens"], pad_id, cfg.temperature)
             m = mb["mask"].bool()
@@ -128,14 +133,15 @@ def optimise(policy, batch, optimizer, cfg, beta, pad_id, device, dtype, check_t
                              beta, cfg.aggregation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(policy.parameters())
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
             with torch.no_grad():  # as ppo.policy_loss's: clipped share, k3 of KL(pi_old || pi)
-                clipped = (log_ratio.exp() - 1).abs() > cfg.clip_eps
-                stats = {"policy_loss": loss.detach(), "clipfrac": clipped[m].float().mean(),
-                         "approx_kl": (torch.expm1(log_ratio) - log_ratio)[m].mean()}
+                clipped, w = (log_ratio.exp() - 1).abs() > cfg.clip_eps, dist.rank_weight(m.sum())
+                stats = {"policy_loss": loss.detach(), "clipfrac": clipped[m].float().mean() * w,
+                         "approx_kl": (torch.expm1(log_ratio) - log_ratio)[m].mean() * w}
             sums, n = {k: sums.get(k, 0.0) + v for k, v in stats.items()}, n + 1
-    return {k: v / n for k, v in sums.items()}
+    return {k: dist.all_mean(v / n) for k, v in sums.items()}
 
 
 def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp32", log=print, eval_fn=None,
@@ -143,10 +149,13 @@ def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp
     """GRPO / Dr. GRPO / RLOO (cfg's advantage, aggregation, kl_in) from `policy` (trained in place) against
     score_fn(tokens (B, T), prompt_len) -> (B,) raw scores; ref = freeze(policy). Each update samples
     cfg.group_size answers to each of rollouts / group_size prompts with ppo.rollout; log gets each update's
-    record (PPO's keys but no critic's), eval_fn(policy) as eval_* every eval_every. -> (policy, records)."""
-    if cfg.rollouts % cfg.group_size or cfg.group_size < 2:
-        raise ValueError(f"rollouts {cfg.rollouts} must be a multiple of group_size {cfg.group_size} >= 2")
-    torch.manual_seed(cfg.seed)
+    record (PPO's keys but no critic's), eval_fn(policy) as eval_* every eval_every. -> (policy, records).
+    Data-parallel, each rank answers its share of the update's prompts (a group never spans ranks) with its
+    own seed: rollouts / N must be a multiple of group_size."""
+    if cfg.rollouts % (cfg.group_size * (N := dist.world_size())) or cfg.group_size < 2:
+        raise ValueError(f"rollouts {cfg.rollouts} must be a multiple of group_size {cfg.group_size} >= 2"
+                         + (f" times {N} ranks (a group stays on one rank)" if N > 1 else ""))
+    torch.manual_seed(cfg.seed + dist.rank())  # ranks sample different answers from identical weights
     gen, pad = torch.Generator().manual_seed(cfg.seed), tok.pad_id(enc)
     n_prompts = cfg.rollouts // cfg.group_size
     policy.eval()  # dropout off: the model we train is the one that sampled
@@ -158,7 +167,8 @@ def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp
         t0 = time.time()
         while len(order) < n_prompts:
             order += torch.randperm(len(prompts), generator=gen).tolist()
-        group_prompts = [prompts[i] for i in order[:n_prompts] for _ in range(cfg.group_size)]
+        mine = order[:n_prompts][dist.shard(n_prompts)]  # this rank's prompts, each answered group_size times
+        group_prompts = [prompts[i] for i in mine for _ in range(cfg.group_size)]
         order = order[n_prompts:]
         ro = rollout(policy, ref, None, score_fn, enc, group_prompts, cfg, device, dtype, check=update == 0)
         mask, beta, scores = ro["mask"], controller.value, ro["scores"]
@@ -174,10 +184,11 @@ def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp
                      advantages=advantages)
         stats = optimise(policy, batch, optimizer, cfg, beta if cfg.kl_in == "loss" else 0.0, pad, device,
                          dtype, tolerance(device, dtype)["ratio"] if update == 0 else None)
+        zero_std = (scores.view(-1, cfg.group_size).std(1) == 0).float().mean()  # groups with no signal
         rec = {"stage": "grpo", "step": update, "beta": beta, **rollout_metrics(ro, gold_fn, valid_fn),
-               "zero_std_groups": (scores.view(-1, cfg.group_size).std(1) == 0).float().mean().item(),
+               "zero_std_groups": dist.all_mean(zero_std).item(),
                **{k: float(v) for k, v in stats.items()}, "seconds": time.time() - t0}
-        controller.update(rec["kl_exact"], cfg.rollouts)  # the exact per-answer KL(pi || pi_ref), as PPO's
+        controller.update(rec["kl_exact"], cfg.rollouts)  # every rank's exact KL(pi || pi_ref) per answer
         if eval_fn is not None and ((update + 1) % cfg.eval_every == 0 or update == cfg.updates - 1):
             rec.update({f"eval_{k}": v for k, v in eval_fn(policy).items()})
         rec["eta_s"] = (time.time() - t_start) / (update + 1) * (cfg.updates - update - 1)

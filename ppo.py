@@ -22,6 +22,7 @@ import dist
 import kl
 import tokenizer as tok
 import world
+from evaluate import rollout_metrics
 from model import adamw, autocast
 from reference import response_mask, token_logprobs
 
@@ -107,7 +108,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_eps=0.2):
     with torch.no_grad():
         stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float(), mask),
                  "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-                 "ratio_max": torch.where(mask.bool(), ratio, 0.0).max()}
+                 "ratio_max": dist.all_max(torch.where(mask.bool(), ratio, 0.0).max())}
     return -masked_mean(surrogate, mask), stats
 
 
@@ -122,10 +123,12 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var[R - V] / Var[R] over the mask: 1 a perfect critic, 0 no better than the mean."""
-    m = mask.bool()
-    var = returns[m].var()
-    return float("nan") if var == 0 else (1 - (returns[m] - values[m]).var() / var).item()
+    """1 - Var[R - V] / Var[R] over the mask: 1 a perfect critic, 0 no better than the mean. Data-parallel,
+    over every rank's tokens (gathered)."""
+    m, every = mask.bool(), lambda x: torch.cat(dist.gather(x.cpu())).to(x.device)
+    returns, values = every(returns[m]), every(values[m])
+    var = returns.var()
+    return float("nan") if var == 0 else (1 - (returns - values).var() / var).item()
 
 
 @torch.no_grad()
@@ -161,7 +164,8 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype, check
     """ppo_epochs passes of shuffled minibatches over a rollout batch (tokens (B, T+1); logp, values,
     advantages, returns, mask (B, T)), in place, each param group's gradient norm clipped on its own.
     check_tol: the first ratios must be 1 within this. Returns stats' minibatch means, ppo_epochs_done.
-    Data-parallel, `batch` is this rank's share and so is each minibatch (minibatch_size / N rows)."""
+    Data-parallel, `batch` is this rank's share and so is each minibatch (minibatch_size / N rows); the
+    stats are every rank's (masked_mean's terms, averaged over the ranks)."""
     B, sums, n, size = batch["mask"].shape[0], {}, 0, dist.per_rank(cfg.minibatch_size)
     for epoch in range(cfg.ppo_epochs):
         perm, epoch_kl = torch.randperm(B, device=device), []
@@ -187,14 +191,14 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype, check
             n, epoch_kl = n + 1, epoch_kl + [stats["approx_kl"]]
         if cfg.approx_kl_stop and dist.all_mean(torch.stack(epoch_kl).mean()).item() > cfg.approx_kl_stop:
             break  # the policy has moved far enough from the sampler for this batch
-    return {**{k: v / n for k, v in sums.items()}, "ppo_epochs_done": epoch + 1}
+    return {**{k: dist.all_mean(v / n) for k, v in sums.items()}, "ppo_epochs_done": epoch + 1}
 
 
 def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dtype="fp32", log=print,
               eval_fn=None, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     """PPO from `policy` (trained in place) against score_fn(tokens (B, T), prompt_len) -> (B,) raw scores;
     ref = freeze(policy); critic: a ScalarModel copy of the reward model. log gets each update's `rec`
-    (proxy_reward before the no-EOS rule, kl and kl_exact per answer, entropy per token; eval_fn(policy) as
+    (evaluate.rollout_metrics: proxy_reward before the no-EOS rule, kl, kl_exact...; eval_fn(policy) as
     eval_* every eval_every updates); gold_fn, valid_fn (None: skip) judge texts. -> (policy, records).
     Data-parallel, each rank answers its share (rollouts / N) of the update's prompts with its own seed."""
     torch.manual_seed(cfg.seed + dist.rank())  # ranks sample different answers from identical weights
@@ -215,7 +219,7 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dt
         mine = order[:cfg.rollouts][dist.shard(cfg.rollouts)]  # this rank's share of the update's prompts
         batch_prompts, order = [prompts[i] for i in mine], order[cfg.rollouts:]
         ro = rollout(policy, ref, critic, score_fn, enc, batch_prompts, cfg, device, dtype, check=update == 0)
-        mask, beta, scores, texts = ro["mask"], controller.value, ro["scores"], ro["texts"]
+        mask, beta, scores = ro["mask"], controller.value, ro["scores"]
         if cfg.no_eos_score is not None:  # an answer cut off by the budget is not an answer
             scores = torch.where(ro["ended"], scores, cfg.no_eos_score)
         rewards = kl.kl_penalized_rewards(scores, ro["logp"], ro["ref_logp"], mask, beta,
@@ -225,20 +229,10 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu", dt
                      advantages=whiten(advantages, mask))
         stats = optimise(policy, critic, batch, optimizer, cfg, pad, device, dtype,
                          tolerance(device, dtype)["ratio"] if update == 0 else None)
-        kl_exact = (kl.full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)  # figures of the rollout
-        logp_all = torch.log_softmax(ro["logits"], -1)
-        rec = {"stage": "ppo", "step": update, "beta": beta, "proxy_reward": ro["scores"].mean().item(),
-               "gold_reward": sum(map(gold_fn, texts)) / len(texts),
-               "kl": kl.sequence_kl(ro["logp"], ro["ref_logp"], mask, "k1").mean().item(),
-               "kl_exact": kl_exact.mean().item(), "kl_max": kl_exact.max().item(),
-               "entropy": masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask).item(),
+        rec = {"stage": "ppo", "step": update, "beta": beta, **rollout_metrics(ro, gold_fn, valid_fn),
                "explained_variance": explained_variance(ro["values"], returns, mask),
-               "length": mask.sum(1).mean().item(),
-               "valid_rate": sum(map(valid_fn, texts)) / len(texts) if valid_fn else math.nan,
-               "distinct_2": world.distinct_n(texts, 2), "eos_rate": ro["ended"].float().mean().item(),
                **{k: float(v) for k, v in stats.items()}, "seconds": time.time() - t0}
-        kl_all = dist.all_mean(torch.tensor(rec["kl_exact"], device=device)).item()  # every rank's answers'
-        controller.update(kl_all, cfg.rollouts)  # the per-SEQUENCE KL, as the controller wants
+        controller.update(rec["kl_exact"], cfg.rollouts)  # every rank's mean per-SEQUENCE KL, as it wants
         if eval_fn is not None and ((update + 1) % cfg.eval_every == 0 or update == cfg.updates - 1):
             rec.update({f"eval_{k}": v for k, v in eval_fn(policy).items()})
         rec["eta_s"] = (time.time() - t_start) / (update + 1) * (cfg.updates - update - 1)

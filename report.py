@@ -36,20 +36,24 @@ def matmul_peak_flops(device="cpu", dtype="fp32", repeats=10):
 
 
 class Logger:
-    """Writes each record to metrics.jsonl and prints one line of the keys to watch (tok_per_s as MFU too)."""
+    """Writes each record to metrics.jsonl and prints one line of the keys to watch (tok_per_s as MFU too);
+    with main False (a data-parallel rank other than 0) it does neither."""
     SHOW = ("loss val_loss accuracy val_accuracy margin proxy_reward gold_reward kl_exact kl_max beta "
             "entropy clipfrac approx_kl explained_variance valid_rate length").split()
     UNITS = {"ms_per_step": "{:.0f} ms/step", "seconds": "{:.2f} s/update", "pairs_per_s": "{:.0f} pairs/s",
              "tok_per_s": "{:.0f} tok/s", "mfu": "mfu {:.1f}%", "eta_s": "eta {:.0f}s"}
 
-    def __init__(self, out, flops_per_token=None, peak_flops=None):
+    def __init__(self, out, flops_per_token=None, peak_flops=None, main=True):
         self.path, self.flops, self.peak = os.path.join(out, "metrics.jsonl"), flops_per_token, peak_flops
+        self.main = main
 
     def start(self, config):
         """A re-run into the same folder appends, so each run opens with a {"stage": "run"} record."""
         self({"stage": "run", "step": 0, "time": time.time(), "config": config}, show=False)
 
     def __call__(self, rec, show=True):
+        if not self.main:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if "tok_per_s" in rec and self.peak:  # MFU is shown, not written

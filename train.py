@@ -3,18 +3,23 @@ The whole leash pipeline, top to bottom, and its command line (`python train.py 
     world -> tokenizer -> pretrain -> SFT -> freeze reference -> reward model -> PPO / GRPO / DPO / online DPO
           -> evaluation on fixed held-out prompts -> summary.json, metrics.jsonl, samples.md, plots
 Each finished stage is recorded in OUT/stages/<name>.json with its config; a re-run reuses it. The presets
-and flags are in cli.py.
+and flags are in cli.py. `torchrun --standalone --nproc_per_node N train.py` runs it on N ranks (dist.py):
+rank 0 alone writes files and prints, every rank decides alike whether to reuse a stage, and a failing rank
+stops the run with one line.
 """
+import hashlib
 import json
 import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import torch
 
+import dist
 import reward
 import tokenizer as tok
 import userdata
@@ -30,31 +35,54 @@ from report import (Logger, comparison_table, flops_per_token, fmt, matmul_peak_
                     write_json, write_samples)
 from sft import TrainConfig, finetune, pretrain
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def stage(env, name, config, run):
     """Run a stage once: run() -> (model, result dict), the model saved to OUT/<name>.pt (a tokenizer to
     OUT/tokenizer.json) and OUT/stages/<name>.json = {config, result}. With the same config later, the
-    saved model and result come back instead, unless the model's file is missing or corrupt."""
+    saved model and result come back instead, unless the model's file is missing or corrupt. Data-parallel,
+    every rank decides from the same files (rank 0 writes only once all have decided), rank 0 alone writes,
+    and the ranks' weights must come out identical."""
     marker, config = f"{env.out}/stages/{name}.json", json.loads(json.dumps(config))
     path = f"{env.out}/tokenizer.json" if name == "tokenizer" else f"{env.out}/{name}.pt"
     load = tok.load_tokenizer if name == "tokenizer" else lambda p: load_checkpoint(p, env.device)[0]
+    model = None
     if os.path.exists(marker) and read_json(marker)["config"] == config:
         try:
-            model = load(path)
+            model, result = load(path), read_json(marker)["result"]
             print(f"{name}: reusing {path} (same config)")
-            return model, read_json(marker)["result"]
         except ValueError as e:
             print(f"{name}: {e}; doing this stage again")
-    model, result = run()
-    tok.save_tokenizer(model, path) if name == "tokenizer" else save_checkpoint(path, model)
-    write_json(marker, {"config": config, "result": result})
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if model is None:
+        model, result = run()
+        if dist.is_main():
+            tok.save_tokenizer(model, path) if name == "tokenizer" else save_checkpoint(path, model)
+            write_json(marker, {"config": config, "result": result})
+        dist.barrier()  # the files are there before any rank looks for the next stage's
+    if dist.world_size() > 1 and name != "tokenizer":
+        if len(set(digests := dist.gather(weights_digest(model)))) > 1:
+            raise RuntimeError(f"{name}: the ranks' weights differ: {', '.join(d[:12] for d in digests)}")
+        print(f"{name}: the same weights on all {len(digests)} ranks (sha256 {digests[0][:12]})")
     return model, result
+
+
+def weights_digest(model):
+    """sha256 (hex) of a model's state_dict, bit for bit: ranks that train alike end with equal digests."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode() + t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def setup(args):
     """What every stage shares: device, dtype, preset, data (checked before any work), folders."""
     try:
         device = pick_device(args.device)
+        if dist.init(device)[1] > 1 and device == "mps":  # under torchrun: join the ranks' group
+            raise ValueError("torchrun on mps: torch.distributed runs on cuda (NCCL) or cpu (gloo); "
+                             "add --device cpu")
         preset = args.preset if args.preset != "auto" else ("gpu" if device == "cuda" else "cpu")
         P = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in PRESETS[preset].items()}
         data = userdata.build_datasets(args.data, args.seed, n_eval_prompts=P["eval_prompts"]) if args.data \
@@ -64,9 +92,12 @@ def setup(args):
         fail(str(e))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    for sub in ("stages", "plots"):
-        os.makedirs(os.path.join(args.out, sub), exist_ok=True)
-    torch.manual_seed(args.seed)
+    if dist.is_main():
+        for sub in ("stages", "plots"):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    else:  # rank 0 alone prints (errors still reach stderr) and writes files
+        sys.stdout = open(os.devnull, "w")
+    torch.manual_seed(args.seed)  # every rank starts from the same weights
     return SimpleNamespace(args=args, data=data, device=device, dtype=pick_dtype(args.dtype, device), P=P,
                            out=args.out, preset=preset,
                            over=STAGE_OVERRIDES[preset], valid_fn=None if args.data else world.is_valid,
@@ -86,10 +117,10 @@ def main(argv=None):
     env.max_new = P["block_size"] - max(len(tok.encode(enc, p)) for p in prompts)
     if env.max_new < 8:
         fail(f"block size {P['block_size']} leaves {env.max_new} tokens for an answer; raise --block-size")
-    env.log = Logger(out, flops_per_token(mcfg), matmul_peak_flops(env.device, env.dtype))
-    n_params = GPT(mcfg).num_params() / 1e6
+    env.log = Logger(out, flops_per_token(mcfg), matmul_peak_flops(env.device, env.dtype), dist.is_main())
+    n_params, N = GPT(mcfg).num_params() / 1e6, dist.world_size()
     print(f"leash: device {env.device}, dtype {env.dtype}, preset {env.preset}, out {out}, {n_params:.2f}M "
-          f"parameters; matmul peak {env.log.peak / 1e9:.0f} GFLOP/s (for MFU)")
+          f"parameters; matmul peak {env.log.peak / 1e9:.0f} GFLOP/s (for MFU)" + f"; {N} ranks" * (N > 1))
     env.log.start({**cfg, "dtype": env.dtype, "args": asdict(args)})
     t_start, cfg = time.time(), {**cfg, "dtype": env.dtype}
     # ---- pretraining, then SFT: the next-token loss on the corpus, then on prompt -> answer + EOS
@@ -132,14 +163,17 @@ def main(argv=None):
         policy, result = stage(env, name, {**cfg, name: run_cfg}, run)
         summary[name] = {k: v for k, v in result.items() if k not in ("history", "samples")}
         columns[labels[name]] = result["samples"]
-        if "history" in result:
-            plot_rl(result["history"], f"{out}/plots/{name}.png", labels[name])
-        write_json(f"{out}/summary.json", summary)
+        if dist.is_main():
+            if "history" in result:
+                plot_rl(result["history"], f"{out}/plots/{name}.png", labels[name])
+            write_json(f"{out}/summary.json", summary)
     # ---- the results: summary.json, samples side by side, the comparison table
     summary["seconds"] = time.time() - t_start
-    write_json(f"{out}/summary.json", summary)
-    write_samples(f"{out}/samples.md", data["eval_prompts"], columns, env.gold_fn, env.valid_fn)
+    if dist.is_main():
+        write_json(f"{out}/summary.json", summary)
+        write_samples(f"{out}/samples.md", data["eval_prompts"], columns, env.gold_fn, env.valid_fn)
     print(f"\n{comparison_table(summary)}\n\ndone in {summary['seconds']:.0f}s; results in {out}/")
+    dist.close()
     return summary
 
 
@@ -215,7 +249,7 @@ def judge(env):
     """Online DPO's judge of a pair: the reward model (the proxy PPO maximises) or the annotators."""
     if env.args.judge == "model":
         return reward_model_judge(env.rm, tok.pad_id(env.enc))
-    rng, r, gold_fn = random.Random(env.args.seed), env.rcfg, env.args.data and env.gold_fn
+    rng, r, gold_fn = random.Random(env.args.seed + dist.rank()), env.rcfg, env.args.data and env.gold_fn
     return lambda texts_a, texts_b, *_: [world.annotate(x, y, rng, r.annotator_tau, r.annotator_bias, gold_fn)
                                          for x, y in zip(texts_a, texts_b)]
 
@@ -226,4 +260,14 @@ if __name__ == "__main__":
     except FloatingPointError as e:  # a loss went NaN/inf: stop, keep every finished stage
         fail(f"{e}; finished stages are kept")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: finished stages are saved; the same command resumes from there")
+        sys.exit("\ninterrupted: finished stages are saved; the same command resumes from there"
+                 if dist.is_main() else 130)
+    except Exception as e:  # under torchrun: one line, naming the rank, instead of N tracebacks
+        if dist.world_size() == 1:
+            raise
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(HERE + os.sep)]
+        if ours and os.path.basename(ours[-1].filename) == "dist.py":  # a collective broke: another rank
+            time.sleep(5)  # died, and torchrun ends this one (its line or torchrun's says why), or it hangs
+        at = f" ({os.path.basename(ours[-1].filename)}:{ours[-1].lineno})" if ours else ""
+        sys.exit(f"error: rank {dist.rank()}/{dist.world_size()}: {type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:300]}{at}")

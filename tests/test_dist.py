@@ -1,24 +1,37 @@
 """dist.py on this CPU: two ranks (gloo, 1 thread each) spawned by torch.multiprocessing run the same cases as
 one process. One optimiser step on a fixed batch gives the same weights and figures with 2 ranks x B/2 as with
-1 process x B, for SFT, the reward model and a PPO minibatch; whitening over 2 ranks equals whitening over the
-whole batch. The ranks' halves hold different numbers of tokens (or pairs): a per-rank mean would fail."""
+1 process x B, for SFT, the reward model, a PPO minibatch, a DPO step (one with a rank holding no pair, as
+online DPO may) and a GRPO minibatch in each aggregation; whitening and GRPO's batch-std advantages over 2
+ranks equal those of the whole batch. The ranks' halves hold different numbers of tokens (or pairs): a
+per-rank mean would fail. Then `torchrun --nproc_per_node 2 train.py` end to end, and a rank that dies."""
 import itertools
+import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import dist
+import dpo
+import evaluate
+import grpo
 import ppo
 import reward
 import sft
 import tokenizer as tok
 import world
 from helpers import tiny_gpt
-from model import ScalarModel
+from model import ScalarModel, load_checkpoint
 from reference import response_mask, token_logprobs
+from test_train import ROOT, SHORT
+from train import weights_digest
 
 TEXTS = ["the film was good.", "the acting was great but the music was bad.", "it was awful.",
          "i loved the cast and the music and the acting!", "the film was fine."] * 10
@@ -94,17 +107,77 @@ def ppo_step(enc):
             **{k: dist.all_mean(torch.as_tensor(stats[k])) for k in figures}}
 
 
+def dpo_step(enc, none_on_rank0=False):
+    """dpo.dpo_step (with the NLL term) on 5 pairs: rank 0 takes 2, of short answers, rank 1 three, longer;
+    or (none_on_rank0) rank 1 all 5 and rank 0 none, as online DPO's judge may leave a rank."""
+    policy = tiny_gpt(enc, seed=5, n_layer=1)
+    pairs = [{"prompt": p, "chosen": a, "rejected": b} for p, a, b in [
+        ("it", " was good.", " was bad."), ("the film", " was fine.", " was awful."),
+        ("i loved", " the cast and the music and the acting!", " it."),
+        ("the acting", " was great but the music was bad.", " was great!"),
+        ("the music", " was awful.", " was good but the film was bad.")]]
+    tokens, mask, _ = dpo.encode_pairs(enc, pairs, 32)
+    torch.manual_seed(6)
+    ref = torch.randn(5, 2) - 20
+    alone = none_on_rank0 and dist.world_size() > 1 and dist.rank() == 0
+    idx = torch.arange(5)[slice(0) if alone else slice(0, 5) if none_on_rank0 else dist.shard(5)]
+    if len(idx):
+        t, m = dpo.flatten_pairs(tokens[idx], mask[idx])
+    else:  # what judged_pairs returns when it keeps no pair
+        t, m = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 1)
+    figures = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), t, m,
+                           torch.cat([ref[idx, 0], ref[idx, 1]]), dpo.DPOConfig(sft_coef=1.0))
+    return {**state(policy, ""), **figures}
+
+
+def grpo_step(enc, aggregation):
+    """grpo.optimise, 1 epoch of 1 minibatch, the k3 term in the loss; each rank's rollout only as wide as its
+    longest row (as on separate ranks), so "constant" must find the global width."""
+    policy, pad = tiny_gpt(enc, seed=7, block_size=16, n_layer=1), tok.pad_id(enc)
+    torch.manual_seed(8)
+    b = ppo_batch(enc)
+    batch = dict(tokens=b["tokens"], mask=b["mask"], logp=b["logp"], ref_logp=torch.randn(4, 13) * 0.3,
+                 advantages=torch.randn(4))
+    with torch.no_grad():
+        batch["logp"] = batch["logp"] + token_logprobs(policy, batch["tokens"], pad)
+    mine = {k: v[dist.shard(4)] for k, v in batch.items()}
+    width = int((mine["tokens"] != pad).sum(1).max())
+    mine = {k: v if k == "advantages" else v[:, :width - (k != "tokens")] for k, v in mine.items()}
+    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=4, aggregation=aggregation)
+    stats = grpo.optimise(policy, mine, torch.optim.SGD(policy.parameters(), lr=0.1), cfg, 0.1, pad, "cpu",
+                          "fp32")
+    return {**state(policy, ""), **stats, "width": torch.tensor(width)}
+
+
+def rollout_figures(enc):
+    """evaluate.rollout_metrics, as PPO and GRPO log it, of 4 answers (2 per rank) of 1, 2, 7, 9 tokens."""
+    torch.manual_seed(9)
+    mask, (logits, ref_logits) = ppo_batch(enc)["mask"], torch.randn(2, 4, 13, 11)
+    picked = torch.randint(11, (4, 13))  # the sampled tokens
+    logp = lambda x: torch.log_softmax(x, -1).gather(-1, picked[..., None])[..., 0]
+    ro = dict(mask=mask, logits=logits, ref_logits=ref_logits, logp=logp(logits), ref_logp=logp(ref_logits),
+              scores=torch.randn(4), ended=torch.tensor([True, False, True, True]), texts=TEXTS[:4])
+    figures = evaluate.rollout_metrics({k: v[dist.shard(4)] for k, v in ro.items()})
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in figures.items()}
+
+
 def cases():
     """Every case, the same code in one process (the reference) and on each rank: {case: {name: tensor}}."""
     torch.manual_seed(0)
     enc = tok.train_tokenizer(TEXTS, 300)
-    x, mask = torch.randn(4, 10) * 3 + 1, ppo_batch(enc, W=11)["mask"]
+    x, mask, scores = torch.randn(4, 10) * 3 + 1, ppo_batch(enc, W=11)["mask"], torch.randn(8) * 2
     mine, adamw = dist.shard(4), sft.adamw
     sft.adamw = reward.adamw = sgd
     try:
-        return {"sft": sft_step(enc), "reward": reward_step(enc), "ppo": ppo_step(enc),
+        steps = {f"grpo_{agg}": grpo_step(enc, agg) for agg in ("sequence", "token", "constant")}
+        widths = [steps[case].pop("width") for case in steps]  # this rank's own: not to compare
+        return {"sft": sft_step(enc), "reward": reward_step(enc), "ppo": ppo_step(enc), "dpo": dpo_step(enc),
+                "dpo_rank_without_pairs": dpo_step(enc, none_on_rank0=True), **steps,
+                "rollout_metrics": rollout_figures(enc),
                 "whiten": {"rows": ppo.whiten(x[mine], mask[mine]), "mask": mask[mine]},
-                "shard": {"rows": torch.tensor([dist.shard(5).start, dist.shard(5).stop])}}
+                "grpo_batch_std": {"rows": grpo.group_advantages(scores[dist.shard(8)], 2, "batch")},
+                "shard": {"rows": torch.tensor([dist.shard(5).start, dist.shard(5).stop]),
+                          "widths": widths[0]}}
     finally:
         sft.adamw = reward.adamw = adamw
 
@@ -137,10 +210,12 @@ def test_one_process_never_touches_torch_distributed():
     assert dist.init() == (0, 1) and not torch.distributed.is_initialized()
     x = torch.tensor([1.0, 2.0])
     assert dist.all_sum(x) is x and dist.rank_weight(torch.tensor(3)) == 1.0 and dist.shard(5) == slice(0, 5)
+    assert dist.all_max(x) is x and dist.gather("text") == ["text"] and dist.per_rank(6) == 6
     dist.barrier(), dist.close(), dist.average_gradients([])
 
 
-@pytest.mark.parametrize("case", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("case", ["sft", "reward", "ppo", "dpo", "dpo_rank_without_pairs", "grpo_sequence",
+                                  "grpo_token", "grpo_constant", "rollout_metrics"])
 def test_one_step_on_two_ranks_equals_one_process(results, case):
     single, ranks = results
     assert single[case].keys() == ranks[0][case].keys() == ranks[1][case].keys()
@@ -163,6 +238,114 @@ def test_a_mean_per_rank_would_fail(results):
 
 def test_whitening_over_two_ranks_equals_whitening_the_whole_batch(results):
     single, ranks = results
-    torch.testing.assert_close(torch.cat([r["whiten"]["rows"] for r in ranks]), single["whiten"]["rows"],
-                               atol=1e-6, rtol=1e-6)
+    for case in ("whiten", "grpo_batch_std"):
+        torch.testing.assert_close(torch.cat([r[case]["rows"] for r in ranks]), single[case]["rows"],
+                                   atol=1e-6, rtol=1e-6, msg=case)
     assert [r["shard"]["rows"].tolist() for r in ranks] == [[0, 2], [2, 5]]
+    assert [r["shard"]["widths"].item() for r in ranks] == [5, 12]  # GRPO's ranks' rollouts' widths
+
+
+# ----------------------------------------------------------------------------- torchrun end to end
+STAGES = ["pretrain", "sft", "reward_model", "ppo", "grpo", "dpo", "dpo_online"]
+SAME = re.compile(r"^(\w+): the same weights on all 2 ranks \(sha256 (\w+)\)$", re.M)
+# A test-only watcher, put on the ranks' path as sitecustomize: every file a rank opens for writing, creates,
+# renames or removes under LEASH_OUT is listed in LEASH_WRITES.<rank> (Python's audit hooks see them all).
+WATCHER = '''import os, sys
+out, log = os.environ.get("LEASH_OUT"), os.environ.get("LEASH_WRITES", "") + "." + os.environ.get("RANK", "x")
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+        writes = args[1] and any(c in args[1] for c in "wax+") or args[1] is None and args[2] & (os.O_WRONLY
+                 | os.O_RDWR | os.O_CREAT)
+    else:
+        writes = event in ("os.rename", "os.mkdir", "os.remove")
+    if writes and os.path.realpath(args[0]).startswith(os.path.realpath(out) + os.sep):
+        with open(log, "a") as f:
+            f.write(f"{event} {args[0]}\\n")
+if out and "RANK" in os.environ:
+    sys.addaudithook(hook)
+'''
+
+
+def torchrun(out, flags, env=None, **kwargs):
+    """`torchrun --standalone --nproc_per_node 2 train.py --preset tiny --device cpu`, 1 thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           "--preset", "tiny", "--device", "cpu", "--out", out, *flags]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_torchrun_two_ranks_end_to_end(tmp_path, dtype_flag):
+    """Every stage on 2 ranks: after each, the ranks' weights are identical (train.py gathers their digests
+    and prints the common one, which must be that of rank 0's checkpoint); rank 0 alone wrote files, each
+    record once (a watcher sees every rank's writes); summary.json has every key. A re-run reuses every stage,
+    on both ranks (a rank that trained instead would wait for the other at its first all-reduce)."""
+    out, hook = str(tmp_path / "out"), tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WATCHER)
+    env = {"PYTHONPATH": str(hook), "LEASH_OUT": out, "LEASH_WRITES": str(tmp_path / "writes")}
+    p = torchrun(out, SHORT + ["--algo", "all"] + dtype_flag, env)
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+    digests = dict(SAME.findall(log))
+    assert list(digests) == STAGES, log[-3000:]
+    for name in STAGES:
+        assert weights_digest(load_checkpoint(f"{out}/{name}.pt")[0]).startswith(digests[name]), name
+    writes = {r: (tmp_path / f"writes.{r}").read_text() for r in "01" if (tmp_path / f"writes.{r}").exists()}
+    assert set(writes) == {"0"} and f"{out}/summary.json" in writes["0"], writes  # it saw rank 0's
+    files = {os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names}
+    assert files == {"tokenizer.json", "metrics.jsonl", "summary.json", "samples.md", "plots/ppo.png",
+                     "plots/grpo.png", *(f"{n}.pt" for n in STAGES), *(f"stages/{n}.json" for n in
+                                                                       ["tokenizer", *STAGES])}
+    records = [(r["stage"], r["step"]) for r in map(json.loads, open(f"{out}/metrics.jsonl"))]
+    assert len(records) == len(set(records)) and records[0] == ("run", 0)
+    assert [step for stage, step in records if stage == "ppo"] == [0, 1, 2, 3]
+    summary = json.load(open(f"{out}/summary.json"))
+    assert {"config", "device", "seconds"} <= set(summary)
+    assert {"val_loss", "valid_rate", "gold_reward", "distinct_2"} <= set(summary["sft"])
+    assert {"val_accuracy", "gold_label_accuracy"} <= set(summary["reward_model"])
+    for name in ("ppo", "grpo"):
+        assert {"gold_reward", "proxy_reward", "kl", "kl_target", "beta_final", "valid_rate", "distinct_2",
+                "seconds"} <= set(summary[name]), name
+    for name in ("dpo", "dpo_online"):
+        assert {"gold_reward", "proxy_reward", "kl", "valid_rate", "distinct_2", "implicit_accuracy",
+                "seconds"} <= set(summary[name]), name
+    p = torchrun(out, SHORT + ["--algo", "all"] + dtype_flag)
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, log[-3000:]
+    assert all(f"{name}: reusing" in log for name in ["tokenizer", *STAGES])
+    assert dict(SAME.findall(log)) == digests
+
+
+def test_a_failing_rank_stops_the_run_with_one_line_naming_it(tmp_path):
+    """Rank 0 alone writes, so an --out it cannot create fails on rank 0 only: one line says so, and torchrun
+    ends rank 1 (waiting at the first stage's barrier)."""
+    (tmp_path / "a_file").write_text("")
+    p = torchrun(str(tmp_path / "a_file" / "out"), SHORT)
+    log = p.communicate(timeout=120)[0]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert p.returncode != 0 and len(errors) == 1, log[-3000:]
+    assert re.match(r"error: rank 0/2: \w+Error: .*a_file.* \(train\.py:\d+\)$", errors[0]), errors
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="/proc")
+def test_a_killed_rank_ends_the_run_within_60_s(tmp_path):
+    """SIGKILL rank 1 during pretraining: it cannot say a word, so torchrun's one line names it ("failed
+    (exitcode: -9) local_rank: 1"); rank 0, whose all-reduce breaks, is ended by torchrun without blaming
+    itself; the run exits non-zero well within 60 s."""
+    p = torchrun(str(tmp_path / "out"), ["--algo", "ppo"])
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith(" pretrain "):  # training is under way on both ranks
+            break
+    ranks = {}
+    for pid in map(int, open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()):
+        for var in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            if var.startswith(b"RANK="):
+                ranks[int(var[5:])] = pid
+    t0 = time.time()
+    os.kill(ranks[1], signal.SIGKILL)
+    lines += p.communicate(timeout=60)[0].splitlines()
+    assert p.returncode != 0 and time.time() - t0 < 60
+    assert len([line for line in lines if "failed (exitcode: -9) local_rank: 1 " in line]) == 1, lines[-40:]
+    assert not [line for line in lines if line.startswith("error:")], lines[-40:]
