@@ -108,7 +108,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     if aggregation == "token":
         return per_token.sum() / mask.sum().clamp(min=1) * dist.rank_weight(mask.sum())
     if aggregation == "constant":
-        return per_token.sum() / (mask.shape[0] * int(dist.all_max(torch.tensor(mask.shape[1]))))
+        width = dist.all_max(torch.tensor(mask.shape[1], device=mask.device))  # a device tensor: NCCL
+        return per_token.sum() / (mask.shape[0] * int(width))
     raise ValueError(f"unknown aggregation {aggregation!r}: use sequence, token or constant")
 
 
