@@ -11,9 +11,9 @@ from grpo import VARIANTS
 
 # ----------------------------------------------------------------------------- defaults and presets
 # Model, data and steps per preset: "cpu" fits a laptop or 2 cores (the default without CUDA), "tiny"
-# is CI's smoke test, "gpu" is about nanoGPT's shakespeare-char size. The RL stages' configs
+# is CI's smoke test, "gpu" is about nanoGPT's shakespeare-char size. The stages' configs
 # (RewardConfig, PPOConfig, GRPOConfig, DPOConfig) default to the cpu preset; STAGE_OVERRIDES has the others.
-# Online DPO drops RPO's NLL term: on the policy's own answers it did worse here (docs/experiments.md).
+# Online DPO runs plain DPO (sft_coef 0): see docs/experiments.md, "Online against offline DPO".
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1024, n_pretrain=4000,
                  n_sft=2000, eval_prompts=128, pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3),
@@ -107,6 +107,8 @@ def parse_args(argv=None):
             fail(f"{name} {v}: must be a positive integer")
     if args.dpo_beta == 0:
         fail("--dpo-beta 0: DPO needs beta > 0 (it divides the reward by beta)")
+    if args.kl_target == 0:
+        fail("--kl-target 0: the adaptive controller needs a target > 0 (it divides by it)")
     args.algos = {"both": ["ppo", "dpo"], "all": list(ALGOS)}.get(args.algo, args.algo.split(","))
     if unknown := [a for a in args.algos if a not in ALGOS]:
         fail(f"--algo {unknown[0]}: unknown (choose {', '.join(ALGOS)}, a comma list, both or all)")

@@ -1,4 +1,4 @@
-"""Direct Preference Optimisation (DPO): the KL-penalised RLHF objective, no reward model, sampler or critic.
+"""DPO: the KL-penalised RLHF objective with no critic; offline no reward model or sampler (online: both).
 
 PPO maximises E_{y~pi}[r(x, y)] - beta * KL(pi || pi_ref), whose optimum is (Rafailov et al. 2023, eq. 4)
     pi*(y|x) = pi_ref(y|x) * exp(r(x, y) / beta) / Z(x),

@@ -93,7 +93,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
     advantages (N,) (every token of an answer gets its answer's) or (N, T). Per token, rho = exp(logp -
     old_logp):   l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3(logp, ref_logp)
     aggregated "sequence": mean over each answer's tokens, then over answers (GRPO); "token": mean over all
-    response tokens (DAPO, Yu et al. 2025); "constant": sum / (N * T) (Dr. GRPO). -> 0-d fp32 tensor.
+    response tokens (DAPO, Yu et al. 2025); "constant": sum / (N * T), T the width (Dr. GRPO). -> 0-d fp32.
     Data-parallel, this rank's term of the loss over every rank's answers: "token" weighs its mean by its
     share of the tokens (dist.rank_weight) and "constant" takes T, the width, as the widest rank's."""
     m = mask.bool()
@@ -175,6 +175,7 @@ def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp
         mask, beta, scores = ro["mask"], controller.value, ro["scores"]
         if cfg.no_eos_score is not None:
             scores = torch.where(ro["ended"], scores, cfg.no_eos_score)
+        zero_std = (scores.view(-1, cfg.group_size).std(1) == 0).float().mean()  # groups the score can't rank
         if cfg.kl_in == "reward":  # RLOO / PPO: every nat of drift costs beta, before the baseline
             scores = scores - beta * kl.sequence_kl(ro["logp"], ro["ref_logp"], mask, "k1")
         elif cfg.kl_in != "loss":
@@ -185,7 +186,6 @@ def train_grpo(policy, ref, score_fn, enc, prompts, cfg, device="cpu", dtype="fp
                      advantages=advantages)
         stats = optimise(policy, batch, optimizer, cfg, beta if cfg.kl_in == "loss" else 0.0, pad, device,
                          dtype, tolerance(device, dtype)["ratio"] if update == 0 else None)
-        zero_std = (scores.view(-1, cfg.group_size).std(1) == 0).float().mean()  # groups with no signal
         rec = {"stage": "grpo", "step": update, "beta": beta, **rollout_metrics(ro, gold_fn, valid_fn),
                "zero_std_groups": dist.all_mean(zero_std).item(),
                **{k: float(v) for k, v in stats.items()}, "seconds": time.time() - t0}

@@ -28,7 +28,7 @@ from cli import ALGOS, PRESETS, STAGE_OVERRIDES, configure, fail, parse_args
 from dpo import DPOConfig, reward_model_judge, train_dpo, train_online_dpo
 from evaluate import evaluate_policy, gold_scores
 from grpo import VARIANTS, GRPOConfig, train_grpo
-from model import GPT, GPTConfig, atomic_write, load_checkpoint, pick_device, pick_dtype, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, pick_device, pick_dtype, save_checkpoint
 from ppo import PPOConfig, train_ppo
 from reference import freeze, trainable
 from report import (Logger, comparison_table, flops_per_token, fmt, matmul_peak_flops, plot_rl, read_json,
@@ -157,7 +157,8 @@ def main(argv=None):
     names = ["ppo"] * ("ppo" in args.algos) + ["ppo_beta0"] * args.no_kl_baseline + \
         [n.replace("-", "_") for n in args.algos if n != "ppo"]
     labels = {**{n.replace("-", "_"): label for n, label in ALGOS.items()}, "ppo_beta0": "PPO, beta=0"}
-    labels["grpo"] += "" if args.grpo_variant == "grpo" else f" ({args.grpo_variant})"
+    variant = [args.grpo_variant] * (args.grpo_variant != "grpo") + [f"KL in {args.kl_in}"] * bool(args.kl_in)
+    labels["grpo"] += f" ({', '.join(variant)})" if variant else ""
     for name in names:
         run, run_cfg = (dpo_stage if name.startswith("dpo") else rl_stage)(env, name)
         policy, result = stage(env, name, {**cfg, name: run_cfg}, run)
@@ -200,24 +201,25 @@ def rl_stage(env, name):
     a, result, is_ppo = env.args, {}, name.startswith("ppo")
     flags = dict(seed=a.seed, updates=a.rl_updates, kl_target=a.kl_target)
     advantage, aggregation, kl_in = VARIANTS[a.grpo_variant]
-    rcfg = configure(PPOConfig, env.over["ppo"], kl_estimator=a.kl_estimator, **flags) if is_ppo else \
+    rl_cfg = configure(PPOConfig, env.over["ppo"], kl_estimator=a.kl_estimator, **flags) if is_ppo else \
         configure(GRPOConfig, env.over["grpo"], advantage=advantage, aggregation=aggregation,
                   kl_in=a.kl_in or kl_in, **flags)
     beta = 0.0 if name == "ppo_beta0" else a.beta
-    rcfg = rcfg if beta is None else replace(rcfg, kl_controller="fixed", beta=beta)
+    rl_cfg = rl_cfg if beta is None else replace(rl_cfg, kl_controller="fixed", beta=beta)
     score_fn = env.score_fn if a.reward == "model" else lambda t, P: gold_scores(env.enc, t, P, env.gold_fn)
 
     def run():
         t0, log = time.time(), lambda rec: env.log({**rec, "stage": name})
-        rest = (env.enc, env.data["train_prompts"], rcfg, env.device, env.dtype, log,
+        rest = (env.enc, env.data["train_prompts"], rl_cfg, env.device, env.dtype, log,
                 lambda m: evaluate(env, m, result), env.gold_fn, env.valid_fn)
         policy, history = train_ppo(trainable(env.sft), env.ref, score_fn, trainable(env.rm), *rest) \
             if is_ppo else train_grpo(trainable(env.sft), env.ref, score_fn, *rest)
         curves = ("step", "kl", "kl_exact", "beta", "proxy_reward", "gold_reward", "valid_rate")
-        result.update(kl_target=None if beta is not None else rcfg.kl_target, beta_final=history[-1]["beta"],
+        target = None if beta is not None else rl_cfg.kl_target
+        result.update(kl_target=target, beta_final=history[-1]["beta"],
                       seconds=time.time() - t0, history=[{k: h[k] for k in curves} for h in history])
         return policy, result
-    return run, {**asdict(rcfg), "reward": a.reward}
+    return run, {**asdict(rl_cfg), "reward": a.reward}
 
 
 def dpo_stage(env, name):

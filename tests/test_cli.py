@@ -20,6 +20,7 @@ def refused(argv, capsys):
     (["--beta", "abc"], "--beta"),
     (["--beta", "nan"], "--beta"),
     (["--kl-target", "-1"], "--kl-target"),
+    (["--kl-target", "0"], "--kl-target 0"),
     (["--dpo-beta", "0"], "--dpo-beta"),
     (["--preset", "huge"], "--preset huge"),
     (["--algo", "trpo"], "--algo trpo"),
