@@ -377,10 +377,8 @@ def run_dpo_online(env, label, cfg, judge="model"):
     cached = cached_run(path, cfg, env, judge)
     if cached:
         return cached
-    rng, r = random.Random(cfg.seed), env["source"]["reward"]
     judge_fn = dpo.reward_model_judge(env["rm"], tok.pad_id(env["enc"])) if judge == "model" else \
-        lambda texts_a, texts_b, *_: [world.annotate(x, y, rng, r["annotator_tau"], r["annotator_bias"])
-                                      for x, y in zip(texts_a, texts_b)]
+        reward.annotator_judge(random.Random(cfg.seed), reward.RewardConfig(**env["source"]["reward"]))
     log = lambda rec: print(f"{label:>14} {rec['step'] + 1:>4} | loss {num(rec.get('loss'))} margin "
                             f"{num(rec.get('margin'), '+.2f')} skipped {rec['skipped_share']:.2f} | "
                             f"{rec['pairs_per_s']:.0f} pairs/s eta {rec['eta_s']:.0f}s", flush=True)

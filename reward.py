@@ -49,6 +49,13 @@ def label_group(prompt, texts, rng, source, cfg, gold_fn=None):
              "gold_chosen": gold[a], "gold_rejected": gold[b], "source": source} for a, b in ordered]
 
 
+def annotator_judge(rng, cfg, gold_fn=None):
+    """The annotators of label_group as online DPO's judge (dpo.train_online_dpo): one noisy label a pair,
+    judge(texts_a, texts_b, ...) -> [True where a is preferred]."""
+    return lambda texts_a, texts_b, *_: [world.annotate(a, b, rng, cfg.annotator_tau, cfg.annotator_bias,
+                                                        gold_fn) for a, b in zip(texts_a, texts_b)]
+
+
 def splice(review, other, rng):
     """A review with a slip, the kind of mistake the SFT policy makes (usually invalid, gold -1): its first
     words (at least 3) joined to the tail of another review, e.g. "the hero was" + "a mess. what a film."."""

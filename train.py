@@ -251,9 +251,8 @@ def judge(env):
     """Online DPO's judge of a pair: the reward model (the proxy PPO maximises) or the annotators."""
     if env.args.judge == "model":
         return reward_model_judge(env.rm, tok.pad_id(env.enc))
-    rng, r, gold_fn = random.Random(env.args.seed + dist.rank()), env.rcfg, env.args.data and env.gold_fn
-    return lambda texts_a, texts_b, *_: [world.annotate(x, y, rng, r.annotator_tau, r.annotator_bias, gold_fn)
-                                         for x, y in zip(texts_a, texts_b)]
+    return reward.annotator_judge(random.Random(env.args.seed + dist.rank()), env.rcfg,
+                                  env.args.data and env.gold_fn)
 
 
 if __name__ == "__main__":
