@@ -24,7 +24,7 @@ def rank(): return td.get_rank() if on() else 0  # this rank, 0 to N - 1
 def world_size(): return td.get_world_size() if on() else 1  # N
 def is_main(): return rank() == 0  # rank 0 alone writes files and prints
 def barrier(): return td.barrier() if on() else None  # wait for every rank
-def close(): return td.destroy_process_group() if on() else None  # leave the group
+def close(): return (td.barrier(), td.destroy_process_group()) if on() else None  # together, then leave
 def all_mean(x): return all_sum(x) / world_size()  # a tensor's mean over the ranks
 def all_max(x): return all_sum(x, "MAX")  # its max over the ranks
 def shard(n): return slice(n * rank() // world_size(), n * (rank() + 1) // world_size())  # my rows of n
