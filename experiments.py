@@ -33,10 +33,11 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
+import cli  # the pipeline's presets
 import dpo
+import online_dpo
 import reward
 import tokenizer as tok
-import train  # a tool may read the pipeline's presets
 import world
 from evaluate import evaluate_policy, gold_scores
 from grpo import VARIANTS, GRPOConfig, train_grpo
@@ -370,20 +371,20 @@ def run_dpo(env, label, cfg):
 
 
 def run_dpo_online(env, label, cfg, judge="model"):
-    """Online DPO from the SFT model (dpo.train_online_dpo): each step's pairs are the policy's own fresh
+    """Online DPO from the SFT model (online_dpo.train_online_dpo): each step's pairs are the policy's own fresh
     answers, labelled by the reward model (judge "model": the proxy PPO maximises, as many calls as PPO's
     at the default budget) or the simulated annotators ("annotators"); kept in OUT/dpo_online_runs/."""
     path = run_file(env["out"], "dpo_online_runs", label, cfg, env["dtype"])
     cached = cached_run(path, cfg, env, judge)
     if cached:
         return cached
-    judge_fn = dpo.reward_model_judge(env["rm"], tok.pad_id(env["enc"])) if judge == "model" else \
+    judge_fn = online_dpo.reward_model_judge(env["rm"], tok.pad_id(env["enc"])) if judge == "model" else \
         reward.annotator_judge(random.Random(cfg.seed), reward.RewardConfig(**env["source"]["reward"]))
     log = lambda rec: print(f"{label:>14} {rec['step'] + 1:>4} | loss {num(rec.get('loss'))} margin "
                             f"{num(rec.get('margin'), '+.2f')} skipped {rec['skipped_share']:.2f} | "
                             f"{rec['pairs_per_s']:.0f} pairs/s eta {rec['eta_s']:.0f}s", flush=True)
     t0 = time.time()
-    policy, hist = dpo.train_online_dpo(trainable(env["sft"]), env["ref"], env["enc"],
+    policy, hist = online_dpo.train_online_dpo(trainable(env["sft"]), env["ref"], env["enc"],
                                         env["data"]["train_prompts"], judge_fn, cfg, env["device"],
                                         env["dtype"], log, lambda m: evaluate(env, m)[0])
     metrics, samples = evaluate(env, policy)
@@ -398,7 +399,7 @@ def run_dpo_online(env, label, cfg, judge="model"):
 def plain_dpo(cfg):
     """Plain DPO (Rafailov et al. 2023; no NLL term) at its best budget here: it overfits the
     pairs beyond ~100 steps. The default DPOConfig is DPO + NLL (RPO), leash's default."""
-    return replace(cfg, sft_coef=0.0, lr=1e-4, max_steps=min(cfg.max_steps, 100))
+    return replace(cfg, sft_coef=0.0, lr=1e-4, steps=min(cfg.steps, 100))
 
 
 def frontier(env, cfg, gcfg, dcfg, out, targets, dpo_betas, online_betas):
@@ -715,14 +716,23 @@ def variant(gcfg, name):
     return replace(gcfg, advantage=advantage, aggregation=aggregation, kl_in=kl_in)
 
 
+def kl_place_configs(gcfg, betas):
+    """{kl_in: [a GRPOConfig per beta]}: k3 in the loss and k1 in the reward, at fixed betas, both with
+    unscaled group advantages ("none"): divided by a group's std, a nat in the reward would cost
+    beta / std, a different price per prompt, and a group whose scores tie would be ranked by its KL
+    alone whatever beta is."""
+    return {kl_in: [replace(gcfg, kl_in=kl_in, advantage="none", kl_controller="fixed", beta=b)
+                    for b in betas] for kl_in in ("loss", "reward")}
+
+
 def kl_place(env, gcfg, out, betas):
     """GRPO with k3 in the loss against the same GRPO with k1 in the reward (RLOO's and PPO's place), at
-    the same fixed betas: which direction of the KL does each hold down? Both are measured exactly at
-    the end: KL(pi || pi_ref) on the policy's answers, KL(pi_ref || pi) on the reference's."""
+    the same fixed betas (kl_place_configs): which direction of the KL does each hold down? Both are
+    measured exactly at the end: KL(pi || pi_ref) on the policy's answers, KL(pi_ref || pi) on the
+    reference's."""
     plt = pyplot()
-    runs = {kl_in: [run_ppo(env, f"GRPO kl_in={kl_in} beta={b:g}",
-                            replace(gcfg, kl_in=kl_in, kl_controller="fixed", beta=b), out) for b in betas]
-            for kl_in in ("loss", "reward")}
+    runs = {kl_in: [run_ppo(env, f"GRPO kl_in={kl_in} beta={c.beta:g} unscaled", c, out) for c in cfgs]
+            for kl_in, cfgs in kl_place_configs(gcfg, betas).items()}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for kl_in, marker in (("loss", "o-"), ("reward", "s--")):
         name = "k3 in the loss (GRPO)" if kl_in == "loss" else "k1 in the reward (RLOO, PPO)"
@@ -814,12 +824,12 @@ def run_experiment(name, args, device):
     print(f"{name}: device {device}, dtype {env['dtype']}, preset {env['source']['preset']}, run {args.out}")
     if name == "reward":
         return reward_model(env, args.out)
-    over = train.STAGE_OVERRIDES[env["source"]["preset"]]
+    over = cli.STAGES[env["source"]["preset"]]
     cfg = replace(PPOConfig(), **over["ppo"], seed=args.seed)
     cfg = replace(cfg, updates=args.updates or max(1, round(UPDATE_SHARE[name] * cfg.updates)))
     gcfg = replace(GRPOConfig(), **over["grpo"], seed=args.seed, updates=cfg.updates)
     dcfg = replace(dpo.DPOConfig(), **over["dpo"], seed=args.seed)
-    dcfg = replace(dcfg, max_steps=args.dpo_steps or dcfg.max_steps)
+    dcfg = replace(dcfg, steps=args.dpo_steps or dcfg.steps)
     if name == "controller":
         controller(env, cfg, args.out, args.kl_target or [2.0, 4.0])
     elif name == "overopt":

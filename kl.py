@@ -1,26 +1,33 @@
-"""The KL penalty: how far the policy pi has drifted from the frozen reference pi_ref.
+"""The KL penalty: how far the policy pi is from the frozen reference pi_ref.
 
-RLHF maximises  E[score] - beta * KL(pi || pi_ref)  (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2).
-Sequence KL is a sum of per-position terms and code sees only the sampled token, hence Schulman's
-estimators ("Approximating KL Divergence", 2020), log r = ref_logp - logp = log pi_ref(x) - log pi(x),
-x ~ pi. Exact moments for pi = N(0, 1), pi_ref = N(mu, 1), KL = mu^2/2:
+RLHF maximises  E[score] - beta * KL(pi || pi_ref)  (Ziegler et al. 2019, eq. 2;
+Ouyang et al. 2022, eq. 2). Sequence KL is a sum of per-position terms and code sees
+only the sampled token, hence Schulman's estimators ("Approximating KL Divergence",
+2020), elementwise, with log r = ref_logp - logp = log pi_ref(x) - log pi(x), x ~ pi.
+Exact moments for pi = N(0, 1), pi_ref = N(mu, 1), KL = mu^2/2:
 
-    estimator              bias and sign                                 mean             variance
-    k1 = -log r            unbiased, noisy, < 0 where pi_ref(x) > pi(x)  mu^2/2           mu^2
-    k2 = (log r)^2 / 2     biased (KL + O(KL^{3/2})), >= 0               mu^2/2 + mu^4/8  (2 mu^4 + mu^6)/4
-    k3 = (r - 1) - log r   unbiased, >= 0, low variance near pi_ref      mu^2/2           e^{mu^2} - 1 - mu^2
+    estimator             bias and sign
+    k1 = -log r           unbiased, noisy, < 0 where pi_ref(x) > pi(x)
+    k2 = (log r)^2 / 2    biased (KL + O(KL^{3/2})), >= 0
+    k3 = (r - 1) - log r  unbiased, >= 0, low variance near pi_ref
 
-So a logged k1 KL can be negative (the true KL never is): a few hundred samples do not average away the
-tokens the reference likes more (`python experiments.py kl`). Which estimator is "right" depends on its
-use; expected gradient per position, x ~ pi, the sampling not differentiated (tests/test_kl.py checks each):
+          mean             variance
+    k1    mu^2/2           mu^2
+    k2    mu^2/2 + mu^4/8  (2 mu^4 + mu^6)/4
+    k3    mu^2/2           e^{mu^2} - 1 - mu^2
 
-    used as ...                          expected gradient
-    reward, REINFORCE/PPO (k1)           grad KL(pi || pi_ref)            exact
-    reward, REINFORCE/PPO (k3)           grad KL(pi||pi_ref) - grad KL(pi_ref||pi)
-    reward, REINFORCE/PPO ("full")       0 at its own position (a constant per prefix)
-    loss, differentiated (k1)            0
-    loss, differentiated (k2)            grad KL(pi || pi_ref)            exact
-    loss, differentiated (k3, GRPO)      grad KL(pi_ref || pi)            the other one!
+So a logged k1 KL can be negative (the true KL never is): a few hundred samples
+do not average away the tokens the reference likes more (`experiments.py kl`).
+Which estimator is "right" depends on its use; expected gradient per position,
+x ~ pi, the sampling not differentiated (tests/test_kl.py checks each):
+
+    used as ...                      expected gradient
+    reward, REINFORCE/PPO (k1)       grad KL(pi || pi_ref)   exact
+    reward, REINFORCE/PPO (k3)       grad KL(pi||pi_ref) - grad KL(pi_ref||pi)
+    reward, REINFORCE/PPO ("full")   0 at its own position (constant per prefix)
+    loss, differentiated (k1)        0
+    loss, differentiated (k2)        grad KL(pi || pi_ref)   exact
+    loss, differentiated (k3, GRPO)  grad KL(pi_ref || pi)   the other one!
 """
 import torch
 
@@ -28,42 +35,46 @@ LOG_RATIO_CLAMP = 20.0  # see k3
 
 
 def k1(logp, ref_logp):
-    """k1 = -log r = logp - ref_logp. Shape of the inputs, fp32. E_pi[k1] = KL(pi || pi_ref)."""
+    """k1 = -log r = logp - ref_logp. E_pi[k1] = KL(pi || pi_ref)."""
     return logp.float() - ref_logp.float()
 
 
 def k2(logp, ref_logp):
-    """k2 = (log r)^2 / 2. Shape of the inputs, fp32. Matches KL to second order in (pi - pi_ref)."""
+    """k2 = (log r)^2 / 2. Matches KL to second order in (pi - pi_ref)."""
     log_r = ref_logp.float() - logp.float()
     return 0.5 * log_r * log_r
 
 
 def k3(logp, ref_logp):
-    """k3 = (r - 1) - log r, r = pi_ref(x)/pi(x); shape of the inputs, fp32. Unbiased (E_pi[r - 1] = sum_x
-    pi_ref(x) - 1 = 0: k1 plus a zero-mean control variate) and >= 0 (e^y >= 1 + y). r is heavy-tailed, so
-    log r is clamped to [-20, 20]: exp(88.7) overflows fp32 and bf16, and |log r| = 20 is already ~5e8 nats
-    (healthy: < 1): only broken tokens change (bounded loss, no gradient). expm1: accurate near r = 1."""
+    """k3 = (r - 1) - log r, r = pi_ref(x)/pi(x): k1 plus the zero-mean control
+    variate r - 1 (E_pi[r] = sum_x pi_ref(x) = 1), and >= 0 (e^y >= 1 + y).
+
+    r is heavy-tailed, so log r is clamped to [-20, 20]: exp(88.7) overflows
+    fp32 and bf16, and |log r| = 20 is already ~5e8 nats (healthy: < 1): only
+    broken tokens change (bounded, no gradient). expm1: accurate near r = 1."""
     log_r = (ref_logp.float() - logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.expm1(log_r) - log_r
 
 
 def full_kl(logits, ref_logits, reverse=True):
-    """Exact KL over the vocabulary at each position. logits, ref_logits (B, T, V) -> (B, T) nats, fp32.
-    reverse=True: KL(pi || pi_ref) = sum_x pi(x) (log pi(x) - log pi_ref(x)), the one RLHF penalises and
-    k1-k3 estimate; "reverse" (mode-seeking) as in variational inference, though some RLHF articles say
-    "forward" as pi comes first. reverse=False: KL(pi_ref || pi), "forward" (mass-covering; fitting pi to
-    pi_ref's samples minimises it). As an estimator: k1 averaged over the token, not sampled (no noise)."""
+    """Exact KL (B, T), fp32 nats, from logits, ref_logits (B, T, V).
+
+    reverse=True: KL(pi || pi_ref) = sum_x pi(x) (log pi(x) - log pi_ref(x)),
+    the one RLHF penalises and k1-k3 estimate (here k1 averaged, not sampled);
+    "reverse" (mode-seeking) as in variational inference, though some RLHF
+    texts say "forward" (pi first). reverse=False: KL(pi_ref || pi), "forward"
+    (mass-covering; fitting pi to pi_ref's samples minimises it)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
     if not reverse:
         logp, ref_logp = ref_logp, logp
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)  # 0 log 0 = 0 for tokens pi cannot emit
+    return torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1)  # 0 log 0 = 0
 
 
 def token_kl(logp, ref_logp, estimator="k1", logits=None, ref_logits=None):
-    """The per-token estimate (B, T) named by `estimator` ("k1", "k2", "k3", "full"). "full" needs logits
-    and ref_logits (B, T, V), aligned with logp: logits[:, t] produced the token of logp[:, t]."""
+    """Per-token estimate (B, T) named by `estimator` ("k1", "k2", "k3", "full"); "full"
+    needs logits, ref_logits (B, T, V): logits[:, t] produced the token of logp[:, t]."""
     if estimator == "full":
         if logits is None or ref_logits is None:
             raise ValueError('estimator "full" needs logits and ref_logits')
@@ -74,47 +85,54 @@ def token_kl(logp, ref_logp, estimator="k1", logits=None, ref_logits=None):
 
 
 def _masked(x, mask):
-    """Not x * mask: inf * 0 = nan, and padding garbage must not leak into sums or gradients."""
+    """Not x * mask: inf * 0 = nan; padding garbage must reach no sum or gradient."""
     return torch.where(mask.bool(), x.float(), 0.0)
 
 
 def sequence_kl(logp, ref_logp, mask, estimator="k1", logits=None, ref_logits=None):
-    """(B,) KL estimate per sequence in nats: the per-token estimate summed over the response tokens."""
+    """(B,) KL per sequence in nats: the token estimates summed over the response."""
     logp, ref_logp = _masked(logp, mask), _masked(ref_logp, mask)
     return _masked(token_kl(logp, ref_logp, estimator, logits, ref_logits), mask).sum(-1)
 
 
 @torch.no_grad()
-def kl_penalized_rewards(scores, logp, ref_logp, mask, beta, estimator="k1", logits=None, ref_logits=None):
-    """Per-token PPO rewards (B, T): -beta * KL estimate on every response token, plus the score (B,) on the
-    last one; exactly 0 elsewhere. logp, ref_logp, mask (B, T). R = score - beta * KL (Stiennon et al. 2020
-    eq. 1; Ouyang et al. 2022 eq. 2), the KL spread over the tokens that incurred it, so credit assignment
-    (GAE in ppo.py) sees where the drift happened. Rewards are data: no gradient. Use k1 (module table)."""
+def kl_penalized_rewards(scores, logp, ref_logp, mask, beta,
+                         estimator="k1", logits=None, ref_logits=None):
+    """PPO rewards (B, T): -beta * KL estimate on each response token, plus the
+    score (B,) on the last; exactly 0 elsewhere. logp, ref_logp, mask (B, T).
+
+    R = score - beta * KL (Stiennon et al. 2020 eq. 1; Ouyang et al. 2022 eq.
+    2), the KL spread over the tokens that incurred it, so credit assignment
+    (GAE in ppo.py) sees where the drift happened. Use k1 (module table)."""
     keep = mask.bool()
     if not bool(keep.any(-1).all()):
-        raise ValueError("every row needs at least one response token to carry its score")
-    est = token_kl(_masked(logp, mask), _masked(ref_logp, mask), estimator, logits, ref_logits)
+        raise ValueError("every row needs a response token to carry its score")
+    logp, ref_logp = _masked(logp, mask), _masked(ref_logp, mask)
+    est = token_kl(logp, ref_logp, estimator, logits, ref_logits)
     rewards = _masked(-beta * est, mask)
-    last = torch.where(keep, torch.arange(mask.shape[1], device=mask.device), -1).max(-1).values
-    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.float()
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(keep, columns, -1).max(-1).values
+    rewards[torch.arange(len(mask), device=mask.device), last] += scores.float()
     return rewards
 
 
 def kl_loss(logp, ref_logp, mask, estimator="k3"):
-    """KL in the loss (GRPO; Shao et al. 2024, DeepSeekMath, eq. 3-4), added as coef * kl_loss instead of
-    -beta * KL in the reward: scalar mean over all response tokens (GRPO averages per sequence first),
-    gradients through logp. The catch: sampling from pi is not differentiated, so per position, with
-    grad k3 = (1 - pi_ref/pi) grad log pi,
+    """KL in the loss (GRPO; Shao et al. 2024, DeepSeekMath, eq. 3-4), added as coef *
+    kl_loss instead of -beta * KL in the reward: scalar mean over all response tokens
+    (GRPO averages per sequence first), gradients through logp. The catch: sampling
+    from pi is not differentiated, so per position (grad k3 = (1 - pi_ref/pi) grad log pi),
+
         E_pi[grad k3] = sum_x (pi(x) - pi_ref(x)) grad log pi(x)
                       = -sum_x pi_ref(x) grad log pi(x) = grad KL(pi_ref || pi),
-    the OTHER direction, though k3's value estimates KL(pi || pi_ref). For the intended one use "k2"."""
-    est = token_kl(_masked(logp, mask), _masked(ref_logp.detach(), mask), estimator)
+
+    the OTHER one, though k3's value estimates KL(pi || pi_ref). Use k2."""
+    logp, ref_logp = _masked(logp, mask), _masked(ref_logp.detach(), mask)
+    est = token_kl(logp, ref_logp, estimator)
     return _masked(est, mask).sum() / mask.float().sum().clamp(min=1.0)
 
 
 class FixedKLController:
     """A constant KL coefficient beta; update() does nothing."""
-
     def __init__(self, value):
         self.value = value
 
@@ -123,17 +141,18 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Proportional control of beta towards a target KL (Ziegler et al. 2019, sec 2.2; K_beta = n_steps /
-    horizon, n_steps = sequences in the batch the KL was measured on):
+    """Proportional control of beta towards a target KL (Ziegler et al. 2019,
+    sec 2.2; K_beta = n_steps / horizon, n_steps: sequences in the KL's batch):
 
         e = clip(current_kl / target - 1, -0.2, 0.2)
         beta <- beta * (1 + e * n_steps / horizon)
 
-    !!! current_kl and target are the batch-mean per-SEQUENCE KL in nats (`sequence_kl`). Fed a per-token
-    mean, it holds the per-token KL at target: sequences end up ~length times too far from pi_ref. !!!"""
-
+    !!! current_kl and target are the batch-mean per-SEQUENCE KL in nats
+    (`sequence_kl`). Fed a per-token mean, it holds the per-token KL at target:
+    sequences end up ~length times too far from pi_ref. !!!"""
     def __init__(self, init_kl_coef, target, horizon):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+        self.value = init_kl_coef
+        self.target, self.horizon = target, horizon
 
     def update(self, current_kl, n_steps):
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
@@ -141,10 +160,10 @@ class AdaptiveKLController:
 
 
 class LinearKLSchedule:
-    """beta linear from start to end over n_updates update() calls (KL ignored), then end: "start loose"."""
-
+    """beta: start to end linearly over n_updates update()s, then end ("start loose")."""
     def __init__(self, start, end, n_updates):
-        self.start, self.end, self.n_updates, self.step = start, end, n_updates, 0
+        self.start, self.end, self.n_updates = start, end, n_updates
+        self.step = 0
         self.value = start if n_updates > 0 else end
 
     def update(self, current_kl, n_steps):
@@ -153,8 +172,9 @@ class LinearKLSchedule:
         self.value = self.start + (self.end - self.start) * frac
 
 
-def make_controller(kind, beta, kl_target=None, horizon=None, beta_end=None, n_updates=None):
-    """beta of an RL run: "fixed", "adaptive" (towards kl_target) or "schedule" (to beta_end)."""
+def make_controller(kind, beta, kl_target=None, horizon=None,
+                    beta_end=None, n_updates=None):
+    """A run's beta: "fixed", "adaptive" (to kl_target) or "schedule" (to beta_end)."""
     if kind == "adaptive":
         return AdaptiveKLController(beta, kl_target, horizon)
     if kind == "fixed":

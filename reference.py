@@ -1,10 +1,10 @@
-"""
-The reference model: a frozen copy of the policy as it was when RL began, and the one function that turns
-any model and batch into per-token log-probs.
+"""The reference model (a frozen copy of the policy as RL began) and the one
+function that turns any model and batch into per-token log-probs.
 
-The KL penalty measures how far the policy has moved from this model token by token, so the reference never
-changes (`freeze`) and its log-probs are computed exactly like the policy's (the same `token_logprobs`, the
-sampling temperature, fp32): KL is 0 at the first step of RL. Every stage (SFT, PPO, DPO) uses it.
+The KL penalty measures how far the policy has moved from this model token by
+token, so the reference never changes (`freeze`) and its log-probs are computed
+exactly like the policy's (the same `token_logprobs`, the sampling temperature,
+fp32): KL is 0 at the first step of RL. Every stage (SFT, PPO, DPO) uses it.
 """
 import copy
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def freeze(model):
-    """A frozen deep copy of `model`: eval mode, requires_grad False everywhere."""
+    """A frozen deep copy of `model`: eval mode, requires_grad False."""
     ref = copy.deepcopy(model)
     ref.eval()
     for p in ref.parameters():
@@ -22,7 +22,7 @@ def freeze(model):
 
 
 def trainable(model):
-    """A deep copy of `model` that trains: requires_grad True everywhere (eval mode: no dropout)."""
+    """A deep copy of `model` to train: requires_grad True (eval mode: no dropout)."""
     policy = copy.deepcopy(model)
     for p in policy.parameters():
         p.requires_grad_(True)
@@ -30,23 +30,28 @@ def trainable(model):
 
 
 def token_logprobs(model, tokens, pad_id=None, temperature=1.0, return_logits=False):
-    """log pi(tokens[:, t+1] | tokens[:, :t+1]) for every t, in one forward pass, fp32.
+    """log pi(tokens[:, t+1] | tokens[:, :t+1]) for all t, in one forward pass.
 
-    tokens (B, T). pad_id: give it when prompts are left-padded (positions and attention then skip the
-    padding); None when rows are only right-padded (causal attention never looks right). Returns (B, T-1)
-    at the given (sampling) temperature; entries whose target is padding are meaningless: mask them
-    (`response_mask`). return_logits: also the (B, T-1, V) temperature-scaled fp32 logits (for exact KL)."""
-    logits = model(tokens, None if pad_id is None else tokens != pad_id)[:, :-1].float() / temperature
+    tokens (B, T). pad_id: give it when prompts are left-padded (positions and
+    attention then skip the padding); None when rows are only right-padded
+    (causal attention never looks right). Returns (B, T-1) fp32 at the sampling
+    temperature, meaningless where the target is padding (`response_mask`);
+    return_logits: also the scaled logits (B, T-1, V), for exact KL."""
+    pad_mask = None if pad_id is None else tokens != pad_id
+    logits = model(tokens, pad_mask)[:, :-1].float() / temperature
     targets = tokens[:, 1:]
-    targets = torch.where(targets < logits.shape[-1], targets, 0)  # PAD lies beyond the outputs; masked later
-    # cross-entropy fuses log-softmax and gather: no (B, T, V) log-prob tensor is kept
-    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    # PAD lies beyond the outputs; masked later
+    targets = torch.where(targets < logits.shape[-1], targets, 0)
+    # cross-entropy fuses log-softmax and gather: no (B, T, V) log-probs
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    logp = -nll.view_as(targets)
     return (logp, logits) if return_logits else logp
 
 
 def response_mask(tokens, prompt_len, pad_id):
-    """(B, T-1) float mask aligned with `token_logprobs`: 1 where the target token belongs to the response
-    (after the prompt_len prompt columns, not padding; EOS included: the policy chose to stop)."""
+    """(B, T-1) float mask aligned with `token_logprobs`: 1 where the target is
+    a response token (after the prompt_len prompt columns, not padding; EOS
+    included: the policy chose to stop)."""
     targets = tokens[:, 1:]
-    in_response = torch.arange(targets.shape[1], device=tokens.device) >= prompt_len - 1
-    return (in_response & (targets != pad_id)).float()
+    columns = torch.arange(targets.shape[1], device=tokens.device)
+    return ((columns >= prompt_len - 1) & (targets != pad_id)).float()

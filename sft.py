@@ -1,9 +1,11 @@
-"""Pretraining and supervised fine-tuning (SFT): the policy before any RLHF. Both minimise the next-token
-cross-entropy and differ only in the data and the mask:
+"""Pretraining and supervised fine-tuning (SFT): the policy before any RLHF.
+Both minimise the next-token cross-entropy; only the data and the mask differ:
+
     loss = - sum_t mask_t * log pi(x_{t+1} | x_<=t) / sum_t mask_t
+
   * pretraining: random windows of the corpus (texts joined by EOS), mask = 1;
-  * SFT: a prompt + completion + EOS per row, right-padded with PAD; mask = 1 where the target is a
-    completion token or the EOS, so the model learns to answer a prompt and to stop, not to write prompts.
+  * SFT: prompt + completion + EOS per row, right-padded with PAD; mask = 1 on
+    the completion + EOS: it learns to answer and stop, not to write prompts.
 """
 import math
 import time
@@ -25,20 +27,22 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 100      # steps between held-out losses
+    eval_every: int = 100  # steps between held-out losses
     eval_batches: int = 8
     log_every: int = 50
 
 
 def encode_stream(enc, texts):
-    """All texts, each followed by EOS, as one 1-D LongTensor (the pretraining corpus)."""
-    return torch.tensor([i for t in texts for i in tok.encode(enc, t) + [tok.eos_id(enc)]], dtype=torch.long)
+    """The pretraining corpus: every text + EOS, one 1-D LongTensor."""
+    ids = [i for t in texts for i in tok.encode(enc, t) + [tok.eos_id(enc)]]
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def stream_batch(stream, batch_size, block_size, gen):
-    """Random windows of the stream: tokens (B, block_size), an all-ones mask (B, block_size - 1)."""
+    """Random windows of the stream: tokens (B, T), all-ones mask (B, T-1)."""
     starts = torch.randint(len(stream) - block_size, (batch_size,), generator=gen)
-    return torch.stack([stream[s:s + block_size] for s in starts]), torch.ones(batch_size, block_size - 1)
+    tokens = torch.stack([stream[s:s + block_size] for s in starts])
+    return tokens, torch.ones(batch_size, block_size - 1)
 
 
 def rows_batch(tokens, mask, batch_size, gen):
@@ -48,78 +52,84 @@ def rows_batch(tokens, mask, batch_size, gen):
 
 
 def masked_nll(model, tokens, mask):
-    """Mean NLL over the masked targets; tokens (B, T), mask (B, T-1), right-padded: no attention mask.
-    Data-parallel: this rank's term of the mean over every rank's targets (dist.rank_weight)."""
-    nll = -(token_logprobs(model, tokens) * mask).sum() / mask.sum().clamp(min=1)
-    return nll * dist.rank_weight(mask.sum())
+    """Mean NLL over the masked targets; tokens (B, T), mask (B, T-1),
+    right-padded: no attention mask."""
+    return dist.masked_mean(-token_logprobs(model, tokens), mask)
 
 
 def lr_at(step, max_steps, lr, warmup):
-    """Linear warmup to lr, then cosine decay to lr / 10 (nanoGPT's schedule)."""
+    """nanoGPT's schedule: linear warmup, then cosine decay to lr / 10."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return lr / 10 + 0.5 * (lr - lr / 10) * (1 + math.cos(math.pi * progress))
 
 
-def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu", dtype="fp32",
-             stage="pretrain", log=print, compile=False):
-    """nanoGPT's loop, shared by pretraining and SFT: trains `model` in place, returns the last held-out loss.
-    get_batch() / get_val_batch() -> (tokens (B, T), mask (B, T-1)); log(dict) gets a record per log step.
-    Data-parallel, every rank draws the same global batch and trains on its rows (dist.shard)."""
+def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu",
+             dtype="fp32", stage="pretrain", log=print, compile=False):
+    """nanoGPT's loop (pretrain, SFT): trains `model` in place on get_batch()
+    -> (tokens (B, T), mask (B, T-1)), returns the last held-out loss."""
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on biases and LayerNorms
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}], device, cfg.lr)
-    fast = torch.compile(model) if compile else model  # shares the weights: save `model`
-    t0, t_log, tokens_seen, vl = time.time(), 0.0, 0, float("nan")  # t_log: seconds since t0 at the last log
-    mine = lambda batch: (t[dist.shard(len(t))].to(device) for t in batch)  # this rank's rows, on the device
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases, norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}]
+    opt = adamw(groups, device, cfg.lr)
+    fast = torch.compile(model) if compile else model  # same weights
+    my_rows = lambda batch: [t[dist.shard(len(t))].to(device) for t in batch]
+
+    start = time.time()
+    last_log = 0.0  # the last log's time since start
+    tokens_seen = 0
+    val_loss = float("nan")
     for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         batch = get_batch()
-        tokens, mask = mine(batch)
         with autocast(device, dtype):
-            loss = masked_nll(fast, tokens, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        dist.average_gradients(model.parameters())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        tokens_seen += batch[0].numel()  # every rank's
-        if step % cfg.eval_every == 0 or step == cfg.steps - 1:
+            loss = masked_nll(fast, *my_rows(batch))
+        dist.step(loss, opt, cfg.grad_clip)
+        tokens_seen += batch[0].numel()
+        if step % cfg.eval_every == 0 or step == cfg.steps - 1:  # held-out loss
             model.eval()
             with torch.no_grad(), autocast(device, dtype):
-                vl = dist.all_mean(torch.stack([masked_nll(model, *mine(get_val_batch()))
-                                                for _ in range(cfg.eval_batches)]).mean()).item()
+                losses = [masked_nll(model, *my_rows(get_val_batch()))
+                          for _ in range(cfg.eval_batches)]
+            val_loss = dist.all_mean(torch.stack(losses).mean()).item()
             model.train()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            elapsed, loss = time.time() - t0, dist.all_mean(loss.detach()).item()  # over all ranks
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{stage}: loss became {loss} at step {step}")
-            log({"stage": stage, "step": step, "loss": loss, "val_loss": vl, "lr": opt.param_groups[0]["lr"],
-                 "ms_per_step": 1000 * (elapsed - t_log) / (cfg.log_every if step else 1),
-                 "tok_per_s": tokens_seen / elapsed, "eta_s": elapsed / (step + 1) * (cfg.steps - step - 1)})
-            t_log = elapsed
+            elapsed = time.time() - start
+            mean_loss = dist.all_mean(loss.detach()).item()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"{stage}: loss became {mean_loss} at step {step}")
+            n_steps = cfg.log_every if step else 1  # since the last log
+            log({"stage": stage, "step": step, "loss": mean_loss,
+                 "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
+                 "ms_per_step": 1000 * (elapsed - last_log) / n_steps,
+                 "tok_per_s": tokens_seen / elapsed,
+                 "eta_s": elapsed / (step + 1) * (cfg.steps - step - 1)})
+            last_log = elapsed
     model.eval()
-    return vl
+    return val_loss
 
 
 def pretrain(model, enc, texts, cfg: TrainConfig, device, dtype, log, seed, compile=False):
-    """Next-token pretraining on the texts (the last 10% of the stream held out). Returns val loss."""
-    stream, T = encode_stream(enc, texts), model.cfg.block_size
+    """Pretraining, the stream's last 10% held out -> the held-out loss."""
+    stream = encode_stream(enc, texts)
+    T = model.cfg.block_size
     if len(stream) < 20 * T:
         raise ValueError(f"the text is too short: {len(stream)} tokens for block size {T}")
-    n_val, gen = len(stream) // 10, torch.Generator().manual_seed(seed)
-    return train_lm(model, lambda: stream_batch(stream[:-n_val], cfg.batch_size, T, gen),
-                    lambda: stream_batch(stream[-n_val:], cfg.batch_size, T, gen),
-                    cfg, device, dtype, "pretrain", log, compile)
+    n_val = len(stream) // 10
+    gen = torch.Generator().manual_seed(seed)
+    get_train = lambda: stream_batch(stream[:-n_val], cfg.batch_size, T, gen)
+    get_val = lambda: stream_batch(stream[-n_val:], cfg.batch_size, T, gen)
+    return train_lm(model, get_train, get_val, cfg, device, dtype, "pretrain", log, compile)
 
 
 def finetune(model, enc, pairs, cfg: TrainConfig, device, dtype, log, seed, compile=False):
-    """SFT on (prompt, completion) pairs (the first 10% held out). Returns the held-out loss."""
+    """SFT on (prompt, completion) pairs, first 10% held out -> val loss."""
     tokens, mask, _ = tok.encode_batch(enc, *zip(*pairs), model.cfg.block_size)
-    n_val, gen = len(tokens) // 10, torch.Generator().manual_seed(seed)
-    return train_lm(model, lambda: rows_batch(tokens[n_val:], mask[n_val:], cfg.batch_size, gen),
-                    lambda: rows_batch(tokens[:n_val], mask[:n_val], cfg.batch_size, gen),
-                    cfg, device, dtype, "sft", log, compile)
+    n_val = len(tokens) // 10
+    gen = torch.Generator().manual_seed(seed)
+    get_train = lambda: rows_batch(tokens[n_val:], mask[n_val:], cfg.batch_size, gen)
+    get_val = lambda: rows_batch(tokens[:n_val], mask[:n_val], cfg.batch_size, gen)
+    return train_lm(model, get_train, get_val, cfg, device, dtype, "sft", log, compile)

@@ -69,3 +69,27 @@ def test_algo_lists():
     assert parse() == ["ppo", "dpo"] and parse("--algo", "both") == ["ppo", "dpo"]
     assert parse("--algo", "all") == ["ppo", "grpo", "dpo", "dpo-online"]
     assert parse("--algo", "grpo,dpo-online") == ["grpo", "dpo-online"]
+
+
+def test_stage_configs_is_the_one_place_where_flags_become_configs():
+    """Every rename and override in one function: --rl-updates -> updates, --beta -> a fixed
+    controller, ppo_beta0 -> beta 0, the preset's warmups and SFT's lr / 2, online DPO's plain DPO
+    (sft_coef 0) unless --dpo-sft-coef says otherwise, the fixed response budget everywhere."""
+    from cli import PRESETS, stage_configs
+    args = train.parse_args(["--rl-updates", "3", "--beta", "0.05", "--dpo-steps", "7",
+                             "--grpo-variant", "rloo", "--kl-estimator", "k3"])
+    P = PRESETS["tiny"]
+    c = stage_configs(args, "tiny", P, budget=41)
+    assert c["pretrain"].warmup == 50 and c["sft"].warmup == 20 and c["sft"].lr == P["lr"] / 2
+    assert c["ppo"].updates == c["grpo"].updates == 3 and c["ppo"].rollouts == 32  # flag, preset
+    assert c["ppo"].kl_controller == c["grpo"].kl_controller == "fixed" and c["ppo"].beta == 0.05
+    assert c["ppo_beta0"].beta == 0.0 and c["ppo_beta0"].kl_controller == "fixed"
+    assert c["ppo"].kl_estimator == "k3"
+    assert (c["grpo"].advantage, c["grpo"].aggregation, c["grpo"].kl_in) == ("rloo", "constant", "reward")
+    assert c["dpo"].steps == c["dpo_online"].steps == 7
+    assert c["dpo"].sft_coef == 1.0 and c["dpo_online"].sft_coef == 0.0
+    assert {c[k].max_new_tokens for k in ("ppo", "grpo", "dpo_online")} == {41}
+    default = stage_configs(train.parse_args([]), "cpu", PRESETS["cpu"], budget=41)
+    assert default["ppo"].kl_controller == "adaptive" and default["dpo_online"].steps == 80
+    assert stage_configs(train.parse_args(["--dpo-sft-coef", "0.5"]), "cpu", PRESETS["cpu"],
+                         41)["dpo_online"].sft_coef == 0.5

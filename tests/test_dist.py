@@ -14,28 +14,36 @@ import subprocess
 import sys
 import time
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import dist
 import dpo
+import online_dpo
 import evaluate
 import grpo
 import ppo
 import reward
+import rollout
 import sft
 import tokenizer as tok
+import train
 import world
 from helpers import tiny_gpt
 from model import ScalarModel, load_checkpoint
-from reference import response_mask, token_logprobs
+from reference import freeze, response_mask, token_logprobs, trainable
 from test_train import ROOT, SHORT
-from train import weights_digest
+from dist import weights_digest
 
 TEXTS = ["the film was good.", "the acting was great but the music was bad.", "it was awful.",
          "i loved the cast and the music and the acting!", "the film was fine."] * 10
 ANSWERS = [" was good.", " was bad.", " was great!", " was awful.", " was fine."]
+# Gradient clipping off in the step cases: a clipped step hides the scale of the averaged gradient
+# (an all-reduce that sums instead of averaging would pass).
+NO_CLIP = 1e9
 
 
 def sgd(params, device, lr, **_):
@@ -55,7 +63,9 @@ def sft_step(enc):
     pairs = [("the film", " was good."), ("it", " was bad."),
              ("the acting", " was great but the music was bad."), ("i loved", " the cast and the acting!")]
     tokens, mask, _ = tok.encode_batch(enc, *zip(*pairs), 32)
-    cfg, records = sft.TrainConfig(steps=1, batch_size=4, lr=0.1, warmup=1, eval_every=1, eval_batches=1), []
+    cfg = sft.TrainConfig(steps=1, batch_size=4, lr=0.1, warmup=1, eval_every=1, eval_batches=1,
+                          grad_clip=NO_CLIP)
+    records = []
     sft.train_lm(model, lambda: (tokens, mask), lambda: (tokens, mask), cfg, log=records.append)
     return {**state(model, ""), **{k: torch.tensor(records[0][k]) for k in ("loss", "val_loss")}}
 
@@ -67,7 +77,8 @@ def reward_step(enc):
               "gold_chosen": world.gold_reward(p + a), "gold_rejected": world.gold_reward(p + b)}
              for p, k in [("the music", 3), ("it", 2), ("the film", 3), ("the acting", 4), ("the cast", 5)]
              for a, b in itertools.combinations(ANSWERS[:k], 2)]
-    cfg = reward.RewardConfig(steps=1, batch_size=4, lr=0.1, warmup=1, val_fraction=0.2, eval_every=1)
+    cfg = reward.RewardConfig(steps=1, batch_size=4, lr=0.1, warmup=1, val_fraction=0.2, eval_every=1,
+                              max_grad_norm=NO_CLIP)
     records = []
     rm, metrics = reward.train_reward_model(tiny_gpt(enc, seed=2, n_layer=1), enc, pairs, cfg, "cpu",
                                             log=records.append)
@@ -100,11 +111,11 @@ def ppo_step(enc):
         batch["logp"] += token_logprobs(policy, batch["tokens"], pad)
     opt = torch.optim.SGD([{"params": list(m.parameters())} for m in (policy, critic)], lr=0.1)
     mine = {k: v[dist.shard(len(v))] for k, v in batch.items()}
-    stats = ppo.optimise(policy, critic, mine, opt, ppo.PPOConfig(ppo_epochs=1, minibatch_size=4), pad, "cpu",
-                         "fp32")
+    cfg = ppo.PPOConfig(epochs=1, minibatch_size=4, max_grad_norm=NO_CLIP)
+    stats = ppo.optimise(policy, critic, mine, opt, cfg, pad, "cpu", "fp32")
     figures = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac")
     return {**state(policy, "policy."), **state(critic, "critic."),
-            **{k: dist.all_mean(torch.as_tensor(stats[k])) for k in figures}}
+            **{k: torch.tensor(stats[k]) for k in figures}}
 
 
 def dpo_step(enc, none_on_rank0=False):
@@ -126,13 +137,14 @@ def dpo_step(enc, none_on_rank0=False):
     else:  # what judged_pairs returns when it keeps no pair
         t, m = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 1)
     figures = dpo.dpo_step(policy, torch.optim.SGD(policy.parameters(), lr=0.1), t, m,
-                           torch.cat([ref[idx, 0], ref[idx, 1]]), dpo.DPOConfig(sft_coef=1.0))
-    return {**state(policy, ""), **figures}
+                           torch.cat([ref[idx, 0], ref[idx, 1]]),
+                           dpo.DPOConfig(sft_coef=1.0, max_grad_norm=NO_CLIP))
+    return {**state(policy, ""), **{k: torch.tensor(v) for k, v in figures.items()}}
 
 
 def grpo_step(enc, aggregation):
     """grpo.optimise, 1 epoch of 1 minibatch, the k3 term in the loss; each rank's rollout only as wide as its
-    longest row (as on separate ranks), so "constant" must find the global width."""
+    longest row (as on separate ranks): "constant" divides by the fixed budget, never a width."""
     policy, pad = tiny_gpt(enc, seed=7, block_size=16, n_layer=1), tok.pad_id(enc)
     torch.manual_seed(8)
     b = ppo_batch(enc)
@@ -143,9 +155,10 @@ def grpo_step(enc, aggregation):
     mine = {k: v[dist.shard(4)] for k, v in batch.items()}
     width = int((mine["tokens"] != pad).sum(1).max())
     mine = {k: v if k == "advantages" else v[:, :width - (k != "tokens")] for k, v in mine.items()}
-    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=4, aggregation=aggregation)
-    stats = grpo.optimise(policy, mine, torch.optim.SGD(policy.parameters(), lr=0.1), cfg, 0.1, pad, "cpu",
-                          "fp32")
+    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=4, aggregation=aggregation, max_grad_norm=NO_CLIP)
+    sums, counts = grpo.optimise(policy, mine, torch.optim.SGD(policy.parameters(), lr=0.1), cfg, 0.1, 11,
+                                 pad, "cpu", "fp32")
+    stats = {k: torch.tensor(v) for k, v in dist.mean_stats(sums, counts).items()}
     return {**state(policy, ""), **stats, "width": torch.tensor(width)}
 
 
@@ -161,6 +174,55 @@ def rollout_figures(enc):
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in figures.items()}
 
 
+def sampled_answers(enc):
+    """The first answers each RL loop samples on this rank (PPO, GRPO, online DPO), every prompt the
+    same: ranks with identical weights must still sample different answers (a seed per rank)."""
+    seen, sample, name = {}, rollout.sample, []
+
+    def spy(*args, **kwargs):
+        ro = sample(*args, **kwargs)
+        seen.setdefault(name[-1], ro["texts"])
+        return ro
+    prompts, zero = ["the film"] * 8, lambda tokens, P: torch.zeros(len(tokens))
+    policy, quiet = tiny_gpt(enc, seed=11, block_size=16, n_layer=1), lambda r: None
+    rollout.sample = spy
+    try:
+        name.append("ppo")
+        ppo.train_ppo(trainable(policy), freeze(policy), zero, ScalarModel(policy), enc, prompts,
+                      ppo.PPOConfig(updates=1, rollouts=4, minibatch_size=4, max_new_tokens=6), log=quiet)
+        name.append("grpo")
+        grpo.train_grpo(trainable(policy), freeze(policy), zero, enc, prompts,
+                        grpo.GRPOConfig(updates=1, rollouts=8, group_size=2, minibatch_size=4,
+                                        max_new_tokens=6), log=quiet)
+        name.append("dpo_online")
+        online_dpo.train_online_dpo(trainable(policy), freeze(policy), enc, prompts, lambda a, *_: [True] * len(a),
+                             dpo.DPOConfig(steps=1, batch_size=4, max_new_tokens=6), log=quiet)
+    finally:
+        rollout.sample = sample
+    return seen
+
+
+def preference_pairs(enc):
+    """train.reward_stage where each rank's annotators label the pairs differently (rank 1 flips
+    every label): every rank must train on rank 0's pairs, or offline DPO's steps would differ."""
+    pairs = [{"prompt": p, "chosen": a, "rejected": b, "source": "policy", "gold_chosen": 0.0,
+              "gold_rejected": 0.0} for p in ("the music", "it", "the film", "the acting", "the cast")
+             for a, b in itertools.combinations(ANSWERS[:3], 2)]
+    if dist.rank() == 1:
+        pairs = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    make = reward.make_preferences
+    reward.make_preferences = lambda *args, **kwargs: (pairs, dist.rank())
+    env = SimpleNamespace(data={"train_prompts": []}, device="cpu", dtype="fp32",
+                          args=SimpleNamespace(seed=0, data=None), gold_fn=world.gold_reward)
+    rcfg = reward.RewardConfig(steps=1, batch_size=2, val_fraction=0.2)
+    try:
+        _, result = train.reward_stage(env, enc, tiny_gpt(enc, seed=12, n_layer=1), rcfg,
+                                       lambda r: None)
+    finally:
+        reward.make_preferences = make
+    return {"pairs": result["pairs"], "n_unended": result["n_unended_answers"]}
+
+
 def cases():
     """Every case, the same code in one process (the reference) and on each rank: {case: {name: tensor}}."""
     torch.manual_seed(0)
@@ -173,7 +235,8 @@ def cases():
         widths = [steps[case].pop("width") for case in steps]  # this rank's own: not to compare
         return {"sft": sft_step(enc), "reward": reward_step(enc), "ppo": ppo_step(enc), "dpo": dpo_step(enc),
                 "dpo_rank_without_pairs": dpo_step(enc, none_on_rank0=True), **steps,
-                "rollout_metrics": rollout_figures(enc),
+                "rollout_metrics": rollout_figures(enc), "answers": sampled_answers(enc),
+                "preference_pairs": preference_pairs(enc),
                 "whiten": {"rows": ppo.whiten(x[mine], mask[mine]), "mask": mask[mine]},
                 "grpo_batch_std": {"rows": grpo.group_advantages(scores[dist.shard(8)], 2, "batch")},
                 "shard": {"rows": torch.tensor([dist.shard(5).start, dist.shard(5).stop]),
@@ -192,6 +255,9 @@ def worker(rank, port, out):
         dist.barrier()
     finally:
         dist.close()
+    threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    with open(f"{out}/threads{rank}.txt", "w") as f:  # gloo's threads left after close
+        f.write("\n".join(t for t in threads if "gloo" in t))
 
 
 @pytest.fixture(scope="module")
@@ -202,14 +268,15 @@ def results(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(port, str(out)), nprocs=2)
-    return cases(), [torch.load(f"{out}/rank{r}.pt") for r in range(2)]
+    leftover = [open(f"{out}/threads{r}.txt").read() for r in range(2)]
+    return cases(), [{**torch.load(f"{out}/rank{r}.pt"), "gloo_threads": leftover[r]} for r in range(2)]
 
 
 def test_one_process_never_touches_torch_distributed():
     assert "WORLD_SIZE" not in os.environ
     assert dist.init() == (0, 1) and not torch.distributed.is_initialized()
     x = torch.tensor([1.0, 2.0])
-    assert dist.all_sum(x) is x and dist.rank_weight(torch.tensor(3)) == 1.0 and dist.shard(5) == slice(0, 5)
+    assert dist.all_sum(x) is x and dist.share(torch.tensor(3)) == 1.0 and dist.shard(5) == slice(0, 5)
     assert dist.all_max(x) is x and dist.gather("text") == ["text"] and dist.per_rank(6) == 6
     dist.barrier(), dist.close(), dist.average_gradients([])
 
@@ -234,6 +301,31 @@ def test_a_mean_per_rank_would_fail(results):
     x, mask = torch.randn(4, 13), ppo_batch(tok.train_tokenizer(TEXTS, 300))["mask"]  # PPO's batch's mask
     halves = (ppo.masked_mean(x[:2], mask[:2]) + ppo.masked_mean(x[2:], mask[2:])) / 2
     assert (halves - ppo.masked_mean(x, mask)).abs() > 0.1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_close_leaves_no_gloo_thread_behind(results):
+    """After dist.close no gloo thread may outlive the group: one still releasing a tensor when the
+    interpreter shuts down aborts the rank ("terminate called without an active exception"), the
+    end-to-end torchrun test's old one-in-40 flake. The ranks here built optimisers (which import
+    torch.distributed.nn after init) as train.py does."""
+    _, ranks = results
+    assert [r["gloo_threads"] for r in ranks] == ["", ""]
+
+
+def test_ranks_sample_different_answers_in_every_rl_loop(results):
+    single, ranks = results
+    for loop in ("ppo", "grpo", "dpo_online"):
+        answers = [r["answers"][loop] for r in ranks]
+        assert len(set(answers[0])) > 1, loop  # the policy does sample varied answers
+        assert answers[0] != answers[1], loop
+
+
+def test_every_rank_trains_on_rank_0s_preference_pairs(results):
+    single, ranks = results
+    assert ranks[0]["preference_pairs"] == ranks[1]["preference_pairs"]
+    assert ranks[1]["preference_pairs"]["n_unended"] == 0  # rank 0's, not rank 1's own
+    assert ranks[0]["preference_pairs"] == single["preference_pairs"]
 
 
 def test_whitening_over_two_ranks_equals_whitening_the_whole_batch(results):

@@ -13,7 +13,8 @@ import world
 from dpo import DPOConfig, encode_pairs, flatten_pairs
 from experiments import (accuracy_by_kind, annotator_label_accuracy, blind_spot_edits, blind_spot_report,
                          d_log_d, dpo_sweep, fit_rl_form, kl_estimators, plot_reward_model, proxy_vs_gold,
-                         rank_correlation)
+                         kl_place_configs, rank_correlation)
+import grpo
 from helpers import tiny_gpt
 from kl import full_kl
 from model import ScalarModel
@@ -186,3 +187,20 @@ def test_forward_kl_is_the_reference_to_policy_direction_on_reference_samples(en
     assert value == pytest.approx(by_hand, rel=1e-5) and value > 0.01
     assert abs(value - other_way) > 0.05 * value  # the two directions differ: the test can tell them apart
     assert mask.sum(1).min() > 0  # every sampled answer has tokens
+
+
+def test_klplace_prices_a_nat_alike_in_every_group():
+    """klplace's KL-in-the-reward arm: a group's advantages move with beta, a nat costs beta in a
+    group whose scores tie and in one whose scores spread (a std scale would price it beta / std,
+    and give a tied group the same advantages at every beta: scores [-2] * 4, KL [1, 3, 2, 6])."""
+    seq_kl = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    logp, ref_logp, mask = seq_kl[:, None], torch.zeros(4, 1), torch.ones(4, 1)
+    kl_part = lambda beta: -beta * (seq_kl - seq_kl.mean())
+    configs = kl_place_configs(grpo.GRPOConfig(group_size=4), [0.01, 0.3, 1.0])
+    assert [c.kl_in for c in configs["loss"]] == ["loss"] * 3
+    for cfg in configs["reward"]:
+        tied = torch.full((4,), -2.0)
+        spread = torch.tensor([-2.0, 0.0, 1.0, 3.0])
+        for scores in (tied, spread):
+            adv = grpo.advantages(scores, logp, ref_logp, mask, cfg.beta, cfg)
+            assert torch.allclose(adv - (scores - scores.mean()), kl_part(cfg.beta), atol=1e-6)

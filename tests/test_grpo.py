@@ -7,6 +7,7 @@ import torch
 
 import grpo
 import kl
+import rollout
 import tokenizer as tok
 from helpers import TabularPolicy, tiny_gpt
 from reference import freeze
@@ -62,7 +63,7 @@ def test_each_aggregation_by_hand(beta):
                 "token": (sum(terms[0]) + sum(terms[1])) / 4,
                 "constant": (sum(terms[0]) + sum(terms[1])) / (2 * 4)}
     for aggregation, value in expected.items():
-        loss = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, 0.2, beta, aggregation)
+        loss = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, 0.2, beta, aggregation, max_new_tokens=4)
         assert loss.item() == pytest.approx(value, rel=1e-5), aggregation
     adv_tokens = adv[:, None].expand(2, 4)  # (N, T) advantages: the same loss
     assert grpo.grpo_loss(logp, old_logp, ref_logp, adv_tokens, mask, 0.2, beta).item() == \
@@ -111,7 +112,8 @@ def run_bandit(kl_in, beta, ref_logits, r, updates=400, groups=64, group_size=8)
     the KL in the reward (k1) or in the loss (k3); returns pi averaged over the last quarter."""
     torch.manual_seed(0)
     policy, pad, V = TabularPolicy(ref_logits), len(r), len(r)
-    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=groups * group_size, clip_eps=0.2, aggregation="sequence")
+    cfg = grpo.GRPOConfig(epochs=1, minibatch_size=groups * group_size, clip_eps=0.2, aggregation="sequence",
+                          advantage="rloo", kl_in=kl_in, group_size=group_size)
     opt = torch.optim.Adam(policy.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if i < updates // 2 else 0.2)
     ref_logp_all, mean_probs = torch.log_softmax(ref_logits, 0), torch.zeros(V)
@@ -121,10 +123,9 @@ def run_bandit(kl_in, beta, ref_logits, r, updates=400, groups=64, group_size=8)
             tokens = torch.stack([torch.zeros_like(arms), arms], 1)
             logp = torch.log_softmax(policy.theta, 0)[arms][:, None]
         ref_logp, mask = ref_logp_all[arms][:, None], torch.ones(len(arms), 1)
-        scores = r[arms] - (beta * kl.sequence_kl(logp, ref_logp, mask, "k1") if kl_in == "reward" else 0)
-        batch = dict(tokens=tokens, logp=logp, ref_logp=ref_logp, mask=mask,
-                     advantages=grpo.rloo_advantages(scores, group_size))
-        grpo.optimise(policy, batch, opt, cfg, beta if kl_in == "loss" else 0.0, pad, "cpu", "fp32",
+        advantages = grpo.advantages(r[arms], logp, ref_logp, mask, beta, cfg)  # the loop's own
+        batch = dict(tokens=tokens, logp=logp, ref_logp=ref_logp, mask=mask, advantages=advantages)
+        grpo.optimise(policy, batch, opt, cfg, beta if kl_in == "loss" else 0.0, 1, pad, "cpu", "fp32",
                       1e-5 if update == 0 else None)
         sched.step()
         if update >= updates * 3 // 4:
@@ -188,8 +189,8 @@ def test_short_run_raises_a_trivial_reward(enc, variant):
 
 def test_groups_are_one_prompt_answered_group_size_times(enc, monkeypatch):
     seen = []
-    rollout = grpo.rollout
-    monkeypatch.setattr(grpo, "rollout", lambda *a, **k: seen.append(a[5]) or rollout(*a, **k))
+    sample = rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: seen.append(a[3]) or sample(*a, **k))
     policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
     cfg = grpo.GRPOConfig(updates=2, rollouts=12, group_size=4, minibatch_size=12, max_new_tokens=4)
     grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg,
@@ -207,3 +208,73 @@ def test_kl_check_fires_at_update_zero(enc):
     with pytest.raises(RuntimeError, match="update 0"):
         grpo.train_grpo(policy, freeze(tiny_gpt(enc, 1, block_size=16, n_layer=1)),
                         lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg, log=lambda r: None)
+
+
+def test_constant_aggregation_divides_by_the_budget_so_padding_changes_nothing():
+    """Dr. GRPO's normaliser is N x the run's response budget: extra padding columns (a wider
+    batch, a longer prompt elsewhere) leave the loss and its gradient as they were."""
+    logp, old_logp, ref_logp, adv, mask = crafted_batch()
+    logp = torch.tensor([[0.0, -1.0, -2.0, -0.5], [0.0, -1.5, 0.0, 0.0]], requires_grad=True)
+    loss = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, 0.2, 0.3, "constant", max_new_tokens=10)
+    wide = lambda x, fill: torch.cat([x, torch.full((2, 3), fill)], 1)
+    wide_logp = wide(logp.detach(), 7.0).requires_grad_(True)
+    padded = grpo.grpo_loss(wide_logp, wide(old_logp, 0.0), wide(ref_logp, 0.0), adv, wide(mask, 0.0),
+                            0.2, 0.3, "constant", max_new_tokens=10)
+    assert padded.item() == loss.item()
+    terms = [per_token_by_hand(logp[i, t].item(), old_logp[i, t].item(), ref_logp[i, t].item(),
+                               adv[i].item(), 0.2, 0.3) for i in range(2) for t in range(4) if mask[i, t]]
+    assert loss.item() == pytest.approx(sum(terms) / (2 * 10), rel=1e-5)
+    loss.backward(), padded.backward()
+    assert torch.equal(wide_logp.grad[:, :4], logp.grad) and not wide_logp.grad[:, 4:].any()
+    with pytest.raises(ValueError, match="budget"):
+        grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, aggregation="constant")
+
+
+def spy(monkeypatch, module, name, seen):
+    """Wrap module.name so that each call's (args, result) lands in `seen`."""
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append((args, result))
+        return result
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_the_loop_pays_the_kl_in_the_score_and_scores_unended_answers_as_told(enc, monkeypatch):
+    """train_grpo's own lines, kl_in "reward": an answer's advantage is its score (no_eos_score if it
+    did not end) minus beta times its k1 KL summed over its tokens, centred in its group. A sign, a
+    scale or the no-EOS rule slipping in the loop changes the advantages optimise receives."""
+    samples, optimised = [], []
+    spy(monkeypatch, rollout, "sample", samples)
+    spy(monkeypatch, grpo, "optimise", optimised)
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1, eos_bias=2.0)  # some answers end, some not
+    beta = 2.0
+    cfg = grpo.GRPOConfig(updates=2, rollouts=16, group_size=4, minibatch_size=16, lr=3e-2, advantage="none",
+                          aggregation="token", kl_in="reward", kl_controller="fixed", beta=beta,
+                          no_eos_score=-7.0, max_new_tokens=4)
+    grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.full((t.shape[0],), 0.5), enc, PROMPTS * 4,
+                    cfg, log=lambda r: None)
+    ro, batch = samples[1][1], optimised[1][0][1]  # update 1: the policy has moved, KL > 0
+    scores = torch.where(ro["ended"], 0.5, -7.0)
+    seq_kl = kl.sequence_kl(ro["logp"], ro["ref_logp"], ro["mask"], "k1")
+    assert 0 < ro["ended"].sum() < len(scores) and (seq_kl - seq_kl.mean()).abs().max() > 1e-3
+    shaped = (scores - beta * seq_kl).view(-1, 4)
+    expected = (shaped - shaped.mean(1, keepdim=True)).flatten()
+    assert torch.allclose(batch["advantages"], expected, atol=1e-6)
+
+
+def test_the_loop_checks_the_first_ratio(enc, monkeypatch):
+    """At update 0 train_grpo hands optimise the ratio check: old log-probs that are not the policy's
+    own (here 1e-3 off, past the sampler's check, which has already passed) stop the run."""
+    sample = rollout.sample
+
+    def off(*args, **kwargs):
+        ro = sample(*args, **kwargs)
+        return {**ro, "logp": ro["logp"] + 1e-3}
+    monkeypatch.setattr(rollout, "sample", off)
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    cfg = grpo.GRPOConfig(updates=1, rollouts=8, group_size=4, minibatch_size=8, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="the ratio"):
+        grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg,
+                        log=lambda r: None)

@@ -160,6 +160,27 @@ def test_scalar_model_reads_the_trunk_and_applies_gain_and_bias():
     assert torch.equal(ScalarModel(gpt).head.weight, torch.zeros(1, 32))  # head_std 0: all zeros
 
 
+def test_output_heads_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the trunk runs in bf16, but the logits and the
+    scalar scores are an fp32 matmul of its final hidden states: a bf16
+    head would round them (a logit in [8, 16) to a multiple of 1/16), and
+    sampled and recomputed log-probs would disagree."""
+    gpt = small_model(9)
+    sm = ScalarModel(gpt, head_std=0.5).eval()
+    x = torch.randint(0, 60, (3, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, h = gpt(x), gpt.trunk(x)
+        scores, h_sm = sm(x), sm.gpt.trunk(x)
+    assert logits.dtype == torch.float32 and scores.dtype == torch.float32
+    with torch.no_grad():
+        h_fp32 = gpt.trunk(x)
+        expected = h.float() @ gpt.wte.weight[:PAD].T
+        expected_scores = h_sm.float() @ sm.head.weight[0] + sm.head.bias
+    assert not torch.allclose(h, h_fp32, atol=1e-4)  # the trunk did run in bf16
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_gpt_and_scalar_model(tmp_path):

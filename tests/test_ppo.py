@@ -9,6 +9,7 @@ import helpers
 from helpers import TabularPolicy
 import kl
 import ppo
+import rollout
 import tokenizer as tok
 from model import ScalarModel
 from reference import freeze, token_logprobs
@@ -138,15 +139,15 @@ def test_bandit_converges_to_the_kl_regularised_optimum():
     r = torch.rand(V) * 2 - 1
     target = torch.log_softmax(ref_logits + r / beta, 0)
     policy, critic = TabularPolicy(ref_logits), ConstantCritic()  # starts at pi_ref
-    cfg = ppo.PPOConfig(ppo_epochs=2, minibatch_size=256)
+    cfg = ppo.PPOConfig(epochs=2, minibatch_size=256)
     opt = adam(policy, critic, lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if i < 30 else 0.2)  # settle
     for update in range(60):
         batch = bandit_batch(policy, critic, ref_logits, r, beta, B, pad)
         stats = ppo.optimise(policy, critic, batch, opt, cfg, pad, "cpu", "fp32",
-                             ppo.tolerance("cpu", "fp32")["ratio"] if update == 0 else None)
+                             rollout.tolerance("cpu", "fp32")["ratio"] if update == 0 else None)
         sched.step()
-    assert stats["ppo_epochs_done"] == 2
+    assert stats["epochs_done"] == 2
     for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac"):
         assert torch.isfinite(torch.as_tensor(stats[key])), key
     logpi = torch.log_softmax(policy.theta.detach(), 0)
@@ -166,7 +167,7 @@ def test_ratio_check_fires():
     batch = bandit_batch(policy, critic, torch.zeros(4), torch.zeros(4), 0.1, 4, pad)
     batch["advantages"] = torch.randn(4, 1)
     cfg = ppo.PPOConfig(minibatch_size=4)
-    tol = ppo.tolerance("cpu", "fp32")["ratio"]
+    tol = rollout.tolerance("cpu", "fp32")["ratio"]
     opt = lambda: adam(policy, critic)
     good = batch["logp"]
     batch["logp"] = good + 1e-3  # not pi's own log-probs
@@ -183,9 +184,9 @@ def test_approx_kl_stop_ends_the_epochs_early():
     torch.manual_seed(0)
     batch = bandit_batch(policy, critic, torch.zeros(4), torch.tensor([1.0, -1, 0, 0]), 0.1, 64, pad)
     opt = adam(policy, critic, lr=0.5)
-    stats = ppo.optimise(policy, critic, batch, opt, ppo.PPOConfig(ppo_epochs=10, minibatch_size=16,
+    stats = ppo.optimise(policy, critic, batch, opt, ppo.PPOConfig(epochs=10, minibatch_size=16,
                                                                    approx_kl_stop=1e-6), pad, "cpu", "fp32")
-    assert stats["ppo_epochs_done"] < 10
+    assert stats["epochs_done"] < 10
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -245,8 +246,8 @@ def test_adaptive_controller_gets_the_mean_per_sequence_exact_kl(enc, monkeypatc
     monkeypatch.setattr(kl.AdaptiveKLController, "update",
                         lambda self, current_kl, n_steps: calls.append((current_kl, n_steps))
                         or update(self, current_kl, n_steps))
-    rollout = ppo.rollout
-    monkeypatch.setattr(ppo, "rollout", lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
+    sample = rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: rollouts.append(sample(*a, **k)) or rollouts[-1])
     policy = tiny_gpt(enc)
     cfg = ppo.PPOConfig(updates=3, rollouts=24, minibatch_size=12, lr=1e-2, kl_controller="adaptive",
                         beta=0.1, kl_target=0.5, kl_horizon=100, no_eos_score=None, max_new_tokens=8, eval_every=100)
@@ -278,9 +279,9 @@ def test_no_eos_score_replaces_the_score_of_unended_answers(enc, monkeypatch):
     penalized = kl.kl_penalized_rewards
     monkeypatch.setattr(kl, "kl_penalized_rewards",
                         lambda scores, *a, **k: seen.append(scores) or penalized(scores, *a, **k))
-    rollout = ppo.rollout
+    sample = rollout.sample
     rollouts = []
-    monkeypatch.setattr(ppo, "rollout", lambda *a, **k: rollouts.append(rollout(*a, **k)) or rollouts[-1])
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: rollouts.append(sample(*a, **k)) or rollouts[-1])
     policy = helpers.tiny_gpt(enc, block_size=16, n_layer=1, eos_bias=5.0)  # some answers end in 3 tokens
     cfg = ppo.PPOConfig(updates=1, rollouts=32, minibatch_size=32, no_eos_score=-7.0, max_new_tokens=3)
     _, history = ppo.train_ppo(policy, freeze(policy), lambda t, P: torch.full((t.shape[0],), 0.5),

@@ -49,7 +49,7 @@ def test_reference_unchanged_by_a_ppo_step_on_the_policy():
     batch = dict(tokens=tokens, logp=logp, values=values, mask=mask,
                  advantages=torch.randn(mask.shape) * mask, returns=torch.randn(mask.shape) * mask)
     opt = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=1e-2)
-    cfg = ppo.PPOConfig(ppo_epochs=2, minibatch_size=2)
+    cfg = ppo.PPOConfig(epochs=2, minibatch_size=2)
     ppo.optimise(policy, critic, batch, opt, cfg, PAD, "cpu", "fp32")
     assert any(not torch.equal(p, sft.state_dict()[k]) for k, p in policy.state_dict().items())
     for k, v in ref.state_dict().items():

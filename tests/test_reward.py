@@ -107,6 +107,23 @@ def test_score_rows_equals_score_of_the_whole_batch(enc):
                                    score(rm, tokens, tok.pad_id(enc)), atol=1e-5, rtol=1e-5)
 
 
+def test_score_rows_of_no_rows_is_empty_not_a_crash(enc):
+    """More ranks than rows (normalize's rows, the accuracy's pairs) leave a rank with none:
+    score_rows gives an empty fp32 (0,) on the rows' device, and BT on no pairs gives 0."""
+    rm = ScalarModel(tiny_gpt(enc), head_std=0.5).eval()
+    pad, none = tok.pad_id(enc), torch.zeros(0, dtype=torch.long)
+    for device in ("cpu", "meta"):
+        no_rows = torch.full((0, 8), pad, device=device)
+        with torch.no_grad():
+            scores = score_rows(rm, no_rows, pad)
+        assert scores.shape == (0,) and scores.dtype == torch.float32
+        assert scores.device == no_rows.device
+    with torch.no_grad():
+        r_chosen, r_rejected = pair_scores(rm, torch.full((3, 8), pad), none, none, pad)
+    assert r_chosen.shape == r_rejected.shape == (0,)
+    assert [x.item() for x in bt_loss(r_chosen, r_rejected)] == [0.0, 0.0]
+
+
 # ---------------------------------------------------------------- normalisation
 
 def test_normalize_gives_mean_0_std_1_on_its_texts(enc):
