@@ -8,39 +8,49 @@ under bf16 autocast, each figure the median of several timed repeats after warm-
 
 bench.py calls leash's public functions as they are and never assigns an attribute of a project
 module. A variant it compares is an argument of the function (GPTConfig(fused_attention=...),
-model.autocast(..., sampling=...), the optimizer handed to ppo.optimise) or is written here.
+model.autocast(..., sampling=...), the optimizer handed to ppo.optimise) or is written here (the
+models of section heads: subclasses of model.GPT and model.ScalarModel).
 
 Sections (--only takes their keys):
   matmul     the matmul peak (report.matmul_peak_flops, the MFU denominator) and two model shapes
   pretrain   sft.train_lm's step: sft.masked_nll, backward, clip, model.adamw
   generate   model.GPT.generate (KV cache) against recomputing the prefix at every step, under
-             model.autocast(device, dtype, sampling=True) as ppo.rollout samples
+             model.autocast(device, dtype, sampling=True) as rollout.sample samples
   sampling   generate() in fp32 against under bf16 autocast, whatever --dtype says: the
              measurement behind model.autocast's rule that sampling on a CPU stays fp32
   ppo        whole updates of ppo.train_ppo in a steady state (timestamps from its log callback),
              and an update split into its public pieces, called here on a second set of models,
              one round of them inside the log callback after each update (outside its timing):
-               rollout       ppo.rollout: generation, then forwards of policy, reference, critic
-                             and reward model, and decoding the texts
-               generation    policy.generate alone, as ppo.rollout calls it
+               rollout       train_ppo's step 1: rollout.sample (generation, forwards of policy
+                             and reference, decoding the texts), rollout.score (the reward
+                             model's forward), the critic's forward (ppo_rollout, here)
+               generation    policy.generate alone, as rollout.sample calls it
                rewards       kl.kl_penalized_rewards + ppo.gae + ppo.whiten
-               optimisation  ppo.optimise: ppo_epochs x minibatches of forward + backward + Adam
+               optimisation  ppo.optimise: epochs x minibatches of forward + backward + Adam
                other         the update minus those parts: its statistics (exact KL, entropy,
                              the texts' gold reward), the controller (median of per-round
                              differences)
-  grpo       a GRPO update (ppo.rollout without a critic, grpo.group_advantages, grpo.optimise)
-             against a PPO update at the issue's setting, taking turns: GRPO / PPO per round
-  dpo        dpo.train_dpo's step written out (sequence_logps, dpo_loss + the NLL term, AdamW),
-             with the reference precomputed (as train_dpo) and with its forward at every step
-  dpo-online whole steps of dpo.train_online_dpo in a steady state (timestamps from its log
+  grpo       a GRPO update (rollout.sample, rollout.score, grpo.advantages, grpo.optimise,
+             dist.mean_stats) against a PPO update (ppo_update: ppo_rollout, rewards, ppo.optimise) at the
+             issue's setting, taking turns: GRPO / PPO per round
+  dpo        dpo.train_dpo's step, dpo.dpo_step (sequence_logps, dpo_loss + the NLL term,
+             dist.step), with the reference precomputed (dpo.pair_logps, as train_dpo) and with
+             its forward at every step
+  dpo-online whole steps of online_dpo.train_online_dpo in a steady state (timestamps from its log
              callback): 2 answers to each of the preset's DPO batch of prompts, judged by
-             dpo.reward_model_judge, one DPO step; its policy (EndingGPT, written here) raises its
-             EOS logit so that answers end and pairs are kept. Per judge call: the step / answers
-             judged; the judge alone: reward_model_judge on full-length answers, after each step
+             online_dpo.reward_model_judge, one DPO step; its policy (EndingGPT, written here)
+             raises its EOS logit so that answers end and pairs are kept. Per judge call: the step /
+             answers judged; the judge alone: reward_model_judge on full-length answers, after each
+             step
   attention  forward + backward of a PPO minibatch with GPTConfig(fused_attention=False / True)
   adam       an optimiser step over policy + critic: model.adamw (fused) against
              torch.optim.AdamW's for-loop and foreach versions, and whole ppo.optimise calls
   ablation   whole ppo.train_ppo updates as shipped and with fused_attention flipped
+  heads      the fp32 output heads (model.fp32_linear) against the heads of before (bf16 under
+             autocast: AutocastHeadGPT, AutocastHeadScalarModel, written here), same weights,
+             taking turns on the preset's PPO setting: generation as rollout.sample does it
+             (sampling=True: fp32 on a CPU), generation under autocast (as on a GPU),
+             ppo.optimise on one batch, a whole PPO update; fp32 head / autocast head per round
   compile    a minibatch's forward + backward, eager against torch.compile (not with --quick)
 
 FLOPs: report.flops_per_token counts training (forward + backward = 3 forwards) as 6 N + 12 L C T
@@ -67,16 +77,20 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
+import cli
+import dist
 import dpo
 import grpo
 import kl
+import online_dpo
 import ppo
 import report
 import reward
+import rollout
 import sft
 import tokenizer as tok
-import train
 import world
 from model import GPT, GPTConfig, ScalarModel, adamw, autocast
 from reference import freeze, token_logprobs, trainable
@@ -88,7 +102,7 @@ ISSUE = dict(name="4x128 V512", n_layer=4, n_head=4, n_embd=128, vocab=512, prom
 
 
 def preset_setting(name):
-    p, stage = train.PRESETS[name], train.STAGE_OVERRIDES[name]
+    p, stage = cli.PRESETS[name], cli.STAGES[name]
     ppo_cfg, dpo_cfg = ppo.PPOConfig(**stage["ppo"]), dpo.DPOConfig(**stage["dpo"])
     return dict(name=f"preset {name}", n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"],
                 vocab=p["vocab_size"], prompt=8, response=p["block_size"] - 8, rollouts=ppo_cfg.rollouts,
@@ -183,12 +197,29 @@ def encoding(vocab_size):
     return tok.train_tokenizer(world_texts(), vocab_size)
 
 
-def make_gpt(s, block_size, device, fused_attention=None):
+def make_gpt(s, block_size, device, fused_attention=None, gpt_class=GPT):
     enc = encoding(s["vocab"])
     cfg = GPTConfig(block_size=block_size, vocab_size=tok.padded_vocab_size(enc), n_layer=s["n_layer"],
                     n_head=s["n_head"], n_embd=s["n_embd"], n_out=tok.eos_id(enc),  # EOS never sampled
                     fused_attention=fused_attention)
-    return GPT(cfg).to(device), enc
+    return gpt_class(cfg).to(device), enc
+
+
+class AutocastHeadGPT(GPT):
+    """The GPT with its output projection as it was before model.fp32_linear: a plain F.linear, so
+    that under bf16 autocast the logits are a bf16 matmul (token_logprobs casts them to fp32 after).
+    The same parameters as GPT: a state_dict loads either way. Section heads compares the two."""
+
+    def lm_head(self, h):
+        return F.linear(h, self.wte.weight[:self.head_rows])[..., :self.n_out]
+
+
+class AutocastHeadScalarModel(ScalarModel):
+    """ScalarModel with its scalar head as it was before model.fp32_linear: self.head(h) plain (bf16
+    under autocast), then cast to fp32. Build it from an AutocastHeadGPT."""
+
+    def forward(self, tokens, pad_mask=None):
+        return self.head(self.gpt.trunk(tokens, pad_mask)).squeeze(-1).float() * self.gain + self.bias
 
 
 def fixed_length_prompts(enc, n, length):
@@ -219,12 +250,16 @@ def generate_without_cache(model, prompt, max_new_tokens):
     return tokens
 
 
-def ppo_setup(s, device, fused_attention=None, **cfg_changes):
+def ppo_setup(s, device, fused_attention=None, autocast_heads=False, **cfg_changes):
     """What train.py hands ppo.train_ppo, untrained: a trainable policy, its frozen reference, a
-    frozen reward model (ScalarModel) read by score_fn, and a trainable critic copied from it."""
+    frozen reward model (ScalarModel) read by score_fn, and a trainable critic copied from it.
+    autocast_heads: the four models with the output heads of before (AutocastHeadGPT,
+    AutocastHeadScalarModel); the same weights as the shipped ones under the same torch seed."""
     T = s["prompt"] + s["response"]
-    sft_model, enc = make_gpt(s, T, device, fused_attention)
-    rm = freeze(ScalarModel(sft_model, head_std=0.02).to(device))
+    gpt_class, scalar_class = (AutocastHeadGPT, AutocastHeadScalarModel) if autocast_heads \
+        else (GPT, ScalarModel)
+    sft_model, enc = make_gpt(s, T, device, fused_attention, gpt_class)
+    rm = freeze(scalar_class(sft_model, head_std=0.02).to(device))
     pad = tok.pad_id(enc)
     cfg = ppo.PPOConfig(rollouts=s["rollouts"], max_new_tokens=s["response"], eval_every=10 ** 9,
                         minibatch_size=s["minibatch"], **cfg_changes)
@@ -264,16 +299,34 @@ def time_ppo_updates(s, device, dtype, warmup, repeats, fused_attention=None, be
     return seconds[warmup:]
 
 
+def ppo_rollout(m, device, dtype):
+    """train_ppo's step 1 on m's prompts: rollout.sample (cfg.max_new_tokens: the response budget),
+    rollout.score (no_eos_score applied: ro["scored"]), then the critic's value of every state
+    (ro["values"]), as train_ppo computes them."""
+    cfg, pad = m["cfg"], tok.pad_id(m["enc"])
+    ro = rollout.sample(m["policy"], m["ref"], m["enc"], m["prompts"], cfg.max_new_tokens,
+                        cfg.temperature, device, dtype)
+    ro["scored"] = rollout.score(ro, m["score_fn"], cfg.no_eos_score, device, dtype)
+    with torch.no_grad(), autocast(device, dtype):
+        ro["values"] = m["critic"](ro["tokens"], ro["tokens"] != pad)[:, :-1].float()
+    return ro
+
+
 def ppo_batch(m, ro):
-    """train_ppo's step 2 and 3 on a rollout: KL-shaped rewards, GAE, whitened advantages."""
+    """train_ppo's step 2 and 3 on a rollout (ppo_rollout): KL-shaped rewards, GAE, whitened
+    advantages."""
     cfg, mask = m["cfg"], ro["mask"]
-    scores = torch.where(ro["ended"], ro["scores"], cfg.no_eos_score) if cfg.no_eos_score is not None \
-        else ro["scores"]
-    rewards = kl.kl_penalized_rewards(scores, ro["logp"], ro["ref_logp"], mask, cfg.beta, cfg.kl_estimator,
-                                      ro["logits"], ro["ref_logits"])
+    rewards = kl.kl_penalized_rewards(ro["scored"], ro["logp"], ro["ref_logp"], mask, cfg.beta,
+                                      cfg.kl_estimator, ro["logits"], ro["ref_logits"])
     advantages, returns = ppo.gae(rewards, ro["values"], mask, cfg.gamma, cfg.lam)
     return dict(tokens=ro["tokens"], logp=ro["logp"], values=ro["values"], returns=returns, mask=mask,
                 advantages=ppo.whiten(advantages, mask))
+
+
+def ppo_update(m, optimizer, device, dtype):
+    """train_ppo's steps 1-4 without its figures: ppo_rollout, ppo_batch, ppo.optimise."""
+    batch = ppo_batch(m, ppo_rollout(m, device, dtype))
+    ppo.optimise(m["policy"], m["critic"], batch, optimizer, m["cfg"], tok.pad_id(m["enc"]), device, dtype)
 
 
 def minibatch_step(device, dtype, left_padded=True, fused_attention=None, compile=False):
@@ -390,13 +443,12 @@ def ppo_rows(s):
         prompt = prompt_batch(enc, s["rollouts"], s["prompt"], device)
         rounds = {"rollout": [], "generation": [], "rewards": [], "optimisation": []}
 
-        def generate():  # as ppo.rollout calls it
+        def generate():  # as rollout.sample calls it
             with torch.no_grad(), autocast(device, dtype, sampling=True):
                 policy.generate(prompt, s["response"], tok.eos_id(enc), pad, cfg.temperature)
 
         def parts():
-            t, ro = timed(functools.partial(ppo.rollout, policy, m["ref"], critic, m["score_fn"], enc,
-                                            m["prompts"], cfg, device, dtype), device)
+            t, ro = timed(functools.partial(ppo_rollout, m, device, dtype), device)
             rounds["rollout"].append(t)
             t, batch = timed(functools.partial(ppo_batch, m, ro), device)
             rounds["rewards"].append(t)
@@ -415,11 +467,11 @@ def ppo_rows(s):
         T, pcfg = s["prompt"] + s["response"], policy.cfg
         lm, sc = forward_flops_per_token(pcfg), forward_flops_per_token(pcfg, lm_head=False)
         n = s["rollouts"] * T  # each token once through: generation, 4 scoring forwards, epochs x fwd+bwd
-        flops = n * lm + n * (2 * lm + 2 * sc) + cfg.ppo_epochs * n * 3 * (lm + sc)
-        yield (f"PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.ppo_epochs} epochs "
+        flops = n * lm + n * (2 * lm + 2 * sc) + cfg.epochs * n * 3 * (lm + sc)
+        yield (f"PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.epochs} epochs "
                f"x {s['rollouts'] // s['minibatch']} minibatches", "rollouts/s", s["rollouts"] / update)
         yield "  s per update (ppo.train_ppo)", "s", update
-        yield "  ppo.rollout", "s", sec["rollout"]
+        yield "  rollout (rollout.sample, rollout.score, critic values)", "s", sec["rollout"]
         yield "    of which generation (policy.generate alone)", "s", sec["generation"]
         yield "    of which scoring (4 forwards, decoding)", "s", scoring
         yield "  rewards + GAE + whiten", "s", sec["rewards"]
@@ -438,24 +490,25 @@ def grpo_rows(s):
     def bench(device, dtype, run):
         m = ppo_setup(s, device)
         enc, pad, pcfg = m["enc"], tok.pad_id(m["enc"]), m["cfg"]
-        gcfg = grpo.GRPOConfig(rollouts=s["rollouts"], max_new_tokens=s["response"], epochs=pcfg.ppo_epochs,
+        gcfg = grpo.GRPOConfig(rollouts=s["rollouts"], max_new_tokens=s["response"], epochs=pcfg.epochs,
                                minibatch_size=s["minibatch"])
         policy, prompts = trainable(m["ref"]), m["prompts"][:s["rollouts"] // gcfg.group_size]
         group_prompts = [p for p in prompts for _ in range(gcfg.group_size)]
         ppo_opt, grpo_opt = ppo_optimizer(m, device), adamw(policy.parameters(), device, gcfg.lr,
                                                              betas=(0.9, 0.999), eps=1e-5)
 
-        def ppo_update():  # train_ppo's steps 1-4, without its figures
-            ro = ppo.rollout(m["policy"], m["ref"], m["critic"], m["score_fn"], enc, m["prompts"], pcfg,
-                             device, dtype)
-            ppo.optimise(m["policy"], m["critic"], ppo_batch(m, ro), ppo_opt, pcfg, pad, device, dtype)
-
-        def grpo_update():  # train_grpo's, the same way
-            ro = ppo.rollout(policy, m["ref"], None, m["score_fn"], enc, group_prompts, gcfg, device, dtype)
+        def grpo_update():  # train_grpo's, the same way (its stats made global, as ppo.optimise's)
+            budget = gcfg.max_new_tokens
+            ro = rollout.sample(policy, m["ref"], enc, group_prompts, budget, gcfg.temperature, device,
+                                dtype)
+            scores = rollout.score(ro, m["score_fn"], gcfg.no_eos_score, device, dtype)
+            adv = grpo.advantages(scores, ro["logp"], ro["ref_logp"], ro["mask"], gcfg.beta, gcfg)
             batch = dict(tokens=ro["tokens"], logp=ro["logp"], ref_logp=ro["ref_logp"], mask=ro["mask"],
-                         advantages=grpo.group_advantages(ro["scores"], gcfg.group_size))
-            grpo.optimise(policy, batch, grpo_opt, gcfg, gcfg.beta, pad, device, dtype)
-        rounds = take_turns({"ppo": ppo_update, "grpo": grpo_update}, device, *run["reps"])
+                         advantages=adv)
+            dist.mean_stats(*grpo.optimise(policy, batch, grpo_opt, gcfg, gcfg.beta, budget, pad, device,
+                                           dtype))
+        rounds = take_turns({"ppo": functools.partial(ppo_update, m, ppo_opt, device, dtype),
+                             "grpo": grpo_update}, device, *run["reps"])
         ratio = statistics.median(g / p for g, p in zip(rounds["grpo"], rounds["ppo"]))
         yield (f"GRPO against PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), "
                f"{gcfg.epochs} epochs x {s['rollouts'] // s['minibatch']} minibatches"), "s per update", \
@@ -477,26 +530,16 @@ def dpo_rows(s):
         mask = torch.zeros(s["pairs"], 2, T - 1, device=device)
         mask[..., s["prompt"] - 1:] = 1.0  # the targets that are response tokens
         t, m = dpo.flatten_pairs(tokens, mask)  # chosen and rejected rows in one batch
-        B, n_tok = s["pairs"], m.sum(1)
-        precomputed = dpo.pair_logps(ref, tokens, mask, device, dtype).to(device)  # (B, 2)
+        pre = dpo.pair_logps(ref, tokens, mask, device, dtype)  # (B, 2), as train_dpo: once
+        precomputed = torch.cat([pre[:, 0], pre[:, 1]]).to(device)  # (2B,) as its step takes them
 
-        def step(ref_every_step):  # dpo.train_dpo's step
+        def step(ref_every_step):  # train_dpo's step: dpo.dpo_step
             def fn():
+                ref_logps = precomputed
                 if ref_every_step:
                     with torch.inference_mode(), autocast(device, dtype):
                         ref_logps = dpo.sequence_logps(ref, t, m)
-                    ref_c, ref_r = ref_logps[:B], ref_logps[B:]
-                else:
-                    ref_c, ref_r = precomputed[:, 0], precomputed[:, 1]
-                with autocast(device, dtype):
-                    logps = dpo.sequence_logps(policy, t, m)
-                losses, _, _ = dpo.dpo_loss(logps[:B], logps[B:], ref_c, ref_r, cfg.beta, cfg.loss_type,
-                                            cfg.label_smoothing)
-                loss = losses.mean() + cfg.sft_coef * (-logps[:B].sum() / n_tok[:B].sum())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                opt.step()
+                dpo.dpo_step(policy, opt, t, m, ref_logps, cfg, device, dtype)
             return fn
         sec = {k: statistics.median(v) for k, v in take_turns(
             {"pre": step(False), "every": step(True)}, device, *run["reps"]).items()}
@@ -532,8 +575,8 @@ def online_dpo_rows(s):
         cfg = GPTConfig(block_size=T, vocab_size=tok.padded_vocab_size(enc), n_layer=s["n_layer"],
                         n_head=s["n_head"], n_embd=s["n_embd"], n_out=tok.pad_id(enc))  # EOS can be sampled
         model, pad = EndingGPT(cfg, tok.eos_id(enc)).to(device), tok.pad_id(enc)
-        judge = dpo.reward_model_judge(freeze(ScalarModel(model, head_std=0.02).to(device)), pad)
-        dcfg = dpo.DPOConfig(online_steps=warmup + repeats, batch_size=B, max_new_tokens=s["response"],
+        judge = online_dpo.reward_model_judge(freeze(ScalarModel(model, head_std=0.02).to(device)), pad)
+        dcfg = dpo.DPOConfig(steps=warmup + repeats, batch_size=B, max_new_tokens=s["response"],
                              log_every=1, eval_every=10 ** 9)
         full = torch.randint(model.n_out - 1, (2 * B, T), device=device)  # full-length answers, no EOS
         seconds, kept, judging, start = [], [], [], [time.perf_counter()]
@@ -546,12 +589,13 @@ def online_dpo_rows(s):
                 judging.append(timed(lambda: judge([""] * B, [""] * B, full[:B], full[B:], s["prompt"]),
                                      device)[0])
             start[0] = time.perf_counter()
-        dpo.train_online_dpo(trainable(model), freeze(model), enc, fixed_length_prompts(enc, B, s["prompt"]),
-                             judge, dcfg, device, dtype, log=log)
+        online_dpo.train_online_dpo(trainable(model), freeze(model), enc,
+                                    fixed_length_prompts(enc, B, s["prompt"]), judge, dcfg, device, dtype,
+                                    log=log)
         step = statistics.median(seconds[warmup:])
         yield (f"online DPO {s['name']}, {B} prompts x 2 answers of {s['prompt']}+<={s['response']}, "
                "reward-model judge", "judge calls/s", 2 * B / step)
-        yield "  s per step (dpo.train_online_dpo)", "s", step
+        yield "  s per step (online_dpo.train_online_dpo)", "s", step
         yield "  ms per judge call (step / answers judged)", "ms", 1000 * step / (2 * B)
         yield "  ms per judge call, the judge alone", "ms", 1000 * statistics.median(judging[warmup:]) / 2 / B
         yield "  pairs kept (both ended, no tie)", "%", 100 * statistics.median(kept[warmup:])
@@ -587,9 +631,7 @@ def bench_adam(device, dtype, run):
     for k in ("shipped", "loop"):
         mk = ppo_setup(ISSUE, device)
         mk["policy"].eval(), mk["critic"].eval()
-        with torch.no_grad():
-            ro = ppo.rollout(mk["policy"], mk["ref"], mk["critic"], mk["score_fn"], mk["enc"], mk["prompts"],
-                             mk["cfg"], device, dtype)
+        ro = ppo_rollout(mk, device, dtype)
         variants[k] = functools.partial(ppo.optimise, mk["policy"], mk["critic"], ppo_batch(mk, ro),
                                         ppo_optimizer(mk, device, k), mk["cfg"], tok.pad_id(mk["enc"]),
                                         device, dtype)
@@ -614,6 +656,49 @@ def bench_ablation(device, dtype, run):
                 seconds[name].append(t)
     for name in variants:
         yield name, "s", statistics.median(seconds[name])
+
+
+def bench_heads(device, dtype, run):
+    """The cost of the fp32 output heads (model.fp32_linear in GPT.lm_head and ScalarModel.forward)
+    against the heads of before (AutocastHeadGPT, AutocastHeadScalarModel: under bf16 autocast a
+    bf16 matmul), on the preset's PPO setting: two setups with the same weights, taking turns part
+    by part in every round, 3x the usual repeats. The ratio is fp32 head / autocast head, the median
+    of per-round ratios. Under --dtype fp32 both heads are fp32 matmuls: a control for the noise."""
+    s = run["preset"]
+    parts = {"generation": "generation (policy.generate as rollout.sample: autocast(sampling=True))",
+             "generation (autocast)": "generation under autocast(device, dtype), as on a GPU",
+             "optimisation": "ppo.optimise on one rollout batch",
+             "update": "whole PPO update (ppo_update: ppo_rollout, rewards + GAE, ppo.optimise)"}
+    heads = {"fp32": False, "autocast": True}
+    calls = {}
+    encoding(s["vocab"])  # trained (and cached) before the seeds, in case it draws from torch's RNG
+    for head, old in heads.items():
+        torch.manual_seed(0)  # the same weights for both
+        m = ppo_setup(s, device, autocast_heads=old)
+        policy, cfg, enc = m["policy"], m["cfg"], m["enc"]
+        policy.eval(), m["critic"].eval()  # as train_ppo
+        optimizer, pad, eos = ppo_optimizer(m, device), tok.pad_id(enc), tok.eos_id(enc)
+        prompt = prompt_batch(enc, s["rollouts"], s["prompt"], device)
+        batch = ppo_batch(m, ppo_rollout(m, device, dtype))
+
+        def generate(sampling, policy=policy, prompt=prompt, pad=pad, eos=eos, cfg=cfg):
+            with torch.no_grad(), autocast(device, dtype, sampling=sampling):
+                policy.generate(prompt, s["response"], eos, pad, cfg.temperature)
+        calls[head] = {"generation": functools.partial(generate, True),
+                       "generation (autocast)": functools.partial(generate, False),
+                       "optimisation": functools.partial(ppo.optimise, policy, m["critic"], batch, optimizer,
+                                                         cfg, pad, device, dtype),
+                       "update": functools.partial(ppo_update, m, optimizer, device, dtype)}
+    sec = take_turns({(part, head): calls[head][part] for part in parts for head in heads}, device,
+                     run["reps"][0], 3 * run["reps"][1])
+    setting = (f"{s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), {cfg.epochs} epochs x "
+               f"{s['rollouts'] // s['minibatch']} minibatches: ")
+    for i, (part, what) in enumerate(parts.items()):
+        fp32, old = sec[(part, "fp32")], sec[(part, "autocast")]
+        yield f"{setting if i == 0 else ''}{what}, fp32 head (shipped)", "s", statistics.median(fp32)
+        yield f"  {part}, autocast head (before)", "s", statistics.median(old)
+        yield f"  {part}, fp32 head / autocast head (median of per-round ratios)", "x", \
+            statistics.median(f / o for f, o in zip(fp32, old))
 
 
 def bench_compile(device, dtype, run):
@@ -662,15 +747,15 @@ def main(argv=None):
                     help="bf16 means bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--only", default=None, help="comma list of: matmul,pretrain,generate,sampling,ppo,grpo,"
-                                                 "dpo,dpo-online,attention,adam,ablation,compile")
+                                                 "dpo,dpo-online,attention,adam,ablation,heads,compile")
     args = ap.parse_args(argv)
     has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     device = next(d for d in has if has[d]) if args.device == "auto" else args.device  # as train.py
     if not has[device]:
         ap.error(f"--device {device}: no {device.upper()} device is available")
     preset = args.preset if args.preset != "auto" else ("gpu" if device == "cuda" else "cpu")
-    if preset not in train.PRESETS:
-        ap.error(f"--preset {args.preset}: unknown (choose {', '.join(train.PRESETS)} or auto)")
+    if preset not in cli.PRESETS:
+        ap.error(f"--preset {args.preset}: unknown (choose {', '.join(cli.PRESETS)} or auto)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if device == "cuda":  # as train.py: fp32 matmuls in TF32
@@ -690,7 +775,7 @@ def main(argv=None):
                 ("dpo-online", "dpo-online preset", online_dpo_rows(p), True),
                 ("attention", "attention", bench_attention, True),
                 ("adam", "adam", bench_adam, True), ("ablation", "ablation", bench_ablation, True),
-                ("compile", "compile", bench_compile, True)]
+                ("heads", "heads preset", bench_heads, True), ("compile", "compile", bench_compile, True)]
     known = {key for key, *_ in sections}
     wanted = set(args.only.split(",")) if args.only else known - ({"compile"} if args.quick else set())
     if wanted - known:
