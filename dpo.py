@@ -141,7 +141,7 @@ def dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device="cpu", dtype="fp3
     rejected (pad_id: left-padded), mask (2n, T-1), ref_logps (2n,).
     loss = mean dpo_loss + sft_coef * NLL per chosen token (RPO, Pang et
     al. 2024: the chosen answers stay likely, not lost to unrated text).
-    -> figures from before the step, over every rank's pairs."""
+    -> the figures from before the step."""
     n = len(tokens) // 2
     n_tok = mask.sum(1)
     with autocast(device, dtype):
@@ -210,7 +210,7 @@ def train_dpo(policy, ref, enc, pairs, cfg: DPOConfig, device="cpu", dtype="fp32
     order = torch.cat([torch.randperm(len(tokens), generator=gen) for _ in range(passes)])
     batches = [order[s * B:(s + 1) * B][dist.shard(B)] for s in range(steps)]
 
-    # the reference's log-probs, once, of the pairs this rank will see
+    # the reference's log-probs, once, of the pairs to be seen
     ref_logps = torch.zeros(len(tokens), 2)
     seen = torch.cat(batches).unique()
     ref_logps[seen] = pair_logps(ref, tokens[seen], mask[seen], device, dtype)

@@ -102,7 +102,7 @@ def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     """The figures of an RL update's batch `ro` (rollout.sample's dict,
     with raw `scores`): kl the k1 estimate per answer, kl_exact / kl_max
     the exact KL(pi || pi_ref) per answer, entropy per response token,
-    length in tokens, of every rank's answers."""
+    length in tokens."""
     mask, texts = ro["mask"], ro["texts"]
     kl_exact = (full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)
     kl_k1 = sequence_kl(ro["logp"], ro["ref_logp"], mask)

@@ -55,7 +55,7 @@ def group_advantages(scores, group_size, scale="group"):
     prompt -> (N,) fp32 advantages s - mean(group), divided by
 
       "group"  the group's std (Bessel) + 1e-4   (GRPO)
-      "batch"  the std of all N + 1e-4, every rank's answers
+      "batch"  the std of the whole batch + 1e-4
       "none"   nothing                           (Dr. GRPO)
 
     A group of equal scores gets 0, not NaN."""
@@ -133,7 +133,7 @@ def optimise(policy, batch, optimizer, cfg, beta, budget, pad_id, device, dtype,
     """cfg.epochs of shuffled minibatches over a rollout batch (tokens,
     logp, ref_logp, mask, advantages (N,)). beta: k3's coefficient in the
     loss; budget: "constant"'s; check_tol: the first ratios must be 1
-    within this. -> (sums, counts) of the stats, this rank's."""
+    within this. -> (sums, counts) of the stats."""
     sums, counts = {}, {}
 
     def add(name, value, n):  # a sum over n items, for a global mean

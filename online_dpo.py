@@ -101,12 +101,12 @@ def train_online_dpo(policy, ref, enc, prompts, judge, cfg: DPOConfig, device="c
                            for j in range(n_batches)]
         b = round_pairs[step % cfg.sample_every]
         mine = torch.tensor([len(b["tokens"]) // 2, b["n_tie"], b["n_unended"]])
-        counts.append(dist.all_sum(mine.to(device)).tolist())  # every rank's
+        counts.append(dist.all_sum(mine.to(device)).tolist())  # the whole batch's
         n = counts[-1][0]
 
         set_lr(opt, step, steps, cfg)
         figures = {}
-        if n:  # no usable pair on any rank: no step
+        if n:  # no usable pair at all: no step
             figures = dpo_step(policy, opt, b["tokens"], b["mask"], b["ref_logps"], cfg,
                                device, dtype, tok.pad_id(enc))
         ranked.append((figures.get("accuracy"), n))

@@ -48,7 +48,7 @@ def masked_mean(x, mask):
 
 def whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the masked entries of x (B, T), 0 elsewhere,
-    the mean and std over every rank's entries: step sizes stop
+    the mean and std of the whole batch: step sizes stop
     depending on the reward's scale."""
     every = dist.gather_cat(x[mask.bool()].float())
     mean = every.mean()
@@ -127,7 +127,7 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
 
 
 def explained_variance(values, returns, mask):
-    """1 - Var[R - V] / Var[R] over every rank's masked tokens."""
+    """1 - Var[R - V] / Var[R] over the masked tokens."""
     m = mask.bool()
     returns, values = (dist.gather_cat(x[m]) for x in (returns, values))
     var = returns.var()
@@ -140,7 +140,7 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype,
              check_tol=None):
     """cfg.epochs of shuffled minibatches over a rollout batch (tokens (B,
     T+1); logp, values, advantages, returns, mask (B, T)); check_tol: the
-    first ratios must be 1 within this. -> every rank's stats."""
+    first ratios must be 1 within this. -> the epochs' mean stats."""
     epochs = []
     for epoch in range(cfg.epochs):
         sums, tokens = {}, 0

@@ -4,11 +4,11 @@ is now, score the answers, take the reference's log-probs, check that
 nothing is broken before the first update, report the update. An update
 of PPO (ppo.py) or GRPO (grpo.py) reads:
 
-    ro = sample(policy, ref, enc, next(batches), ...)   answers, log-probs
-    scores = score(ro, score_fn, ...)         the reward, no-EOS rule
+    ro = sample(policy, ref, enc, next(batches), ...)  answers, log-probs
+    scores = score(ro, score_fn, ...)                  the reward, no-EOS rule
     ... advantages and optimisation: what the method is ...
-    rec = record(...)                         rollout figures, stats
-    report(rec, ...)                          evaluation, ETA, log
+    rec = record(...)                                  figures of the update
+    report(rec, ...)                                   evaluation, ETA, log
 
 Online DPO (online_dpo.py) samples its pairs with `sample` too. Checks
 before the first update (pi = pi_ref, no step taken) catch bugs that look
@@ -72,14 +72,14 @@ def response_budget(enc, prompts, block_size):
 
 
 def seed_ranks(seed):
-    """Seed this rank's sampling: identical weights, different answers."""
+    """Seed the sampling (dist.rank: identical weights, different answers)."""
     torch.manual_seed(seed + dist.rank())
 
 
 def start(cfg, enc, prompts, policy, n_prompts, repeat=1):
-    """An RL run's setup -> (response budget, KL controller, this rank's
-    prompts update after update, each repeated `repeat` times)."""
-    dist.per_rank(n_prompts)  # a ValueError unless the ranks split them evenly
+    """An RL run's setup -> (response budget, KL controller, the prompts
+    of update after update, each repeated `repeat` times)."""
+    dist.per_rank(n_prompts)  # a ValueError unless they split evenly (dist.py)
     seed_ranks(cfg.seed)
     block = policy.cfg.block_size
     budget = cfg.max_new_tokens or response_budget(enc, prompts, block)
@@ -90,8 +90,8 @@ def start(cfg, enc, prompts, policy, n_prompts, repeat=1):
 
 
 def prompt_batches(prompts, n, seed, repeat=1):
-    """Yield this rank's share of the next n prompts of shuffled passes,
-    each `repeat` times in a row (GRPO's group, never split over ranks)."""
+    """Yield the next n prompts of shuffled passes (dist.shard's share),
+    each `repeat` times in a row (GRPO's group, never split)."""
     gen = torch.Generator().manual_seed(seed)
     order = []
     while True:
@@ -116,7 +116,7 @@ def check_ratio(logp, old_logp, mask, tol):
 
 
 def minibatches(batch, size):
-    """One epoch of shuffled minibatches of `size` answers (this rank's
+    """One epoch of shuffled minibatches of `size` answers (dist.per_rank's
     share) over a rollout batch {name: (B, ...) rows}."""
     mine = dist.per_rank(size)
     rows = len(next(iter(batch.values())))
