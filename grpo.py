@@ -149,8 +149,8 @@ def optimise(policy, batch, optimizer, cfg, beta, budget, pad_id, device, dtype,
             if check_tol is not None and epoch == 0 and i == 0:
                 rollout.check_ratio(logp, mb["logp"], mask, check_tol)
 
-            loss = grpo_loss(logp, mb["logp"], mb["ref_logp"], mb["advantages"],
-                             mask, cfg.clip_eps, beta, cfg.aggregation, budget)
+            loss = grpo_loss(logp, mb["logp"], mb["ref_logp"], mb["advantages"], mask,
+                             cfg.clip_eps, beta, cfg.aggregation, max_new_tokens=budget)
             # "token" is a mean over tokens; the others, over answers
             n = mask.sum() if cfg.aggregation == "token" else len(mask)
             dist.step(loss, optimizer, cfg.max_grad_norm, n)
