@@ -37,8 +37,7 @@ STAGES = {
                  grpo=dict(updates=8, rollouts=32, eval_every=4),
                  dpo=dict(steps=40, batch_size=16),
                  dpo_online=dict(steps=8, batch_size=16)),
-    "cpu": dict(reward={}, ppo={}, grpo={}, dpo={},
-                dpo_online=dict(steps=80)),
+    "cpu": dict(reward={}, ppo={}, grpo={}, dpo={}, dpo_online=dict(steps=80)),
     "gpu": dict(reward=dict(n_prompts=2000, steps=500),
                 ppo=dict(updates=150, rollouts=256, minibatch_size=64),
                 grpo=dict(updates=150, rollouts=256, minibatch_size=64),
@@ -70,6 +69,8 @@ class Args:
                       "(default: the variant's)", ("loss", "reward"))
     kl_estimator: str = flag("k1", "PPO's per-token KL in the reward (kl.py's table)",
                              ("k1", "k2", "k3", "full"))
+    kl_loss_estimator: str = flag("k3", "GRPO's KL term in the loss (grpo_loss)",
+                                  ("k3", "k1", "k2", "k3+", "k3_ratio"))
     no_kl_baseline: bool = flag(False, "also run PPO with beta = 0 (reward hacking)")
     dpo_beta: float = flag(None, "DPO's beta, the strength of its implicit KL penalty")
     dpo_sft_coef: float = flag(None, "DPO's NLL term on chosen answers (0: plain DPO)")
@@ -156,6 +157,7 @@ def stages_and_labels(args):
     labels["ppo_beta0"] = "PPO, beta=0"
     variant = [args.grpo_variant] * (args.grpo_variant != "grpo")
     variant += [f"KL in {args.kl_in}"] * bool(args.kl_in)
+    variant += [f"{args.kl_loss_estimator} in the loss"] * (args.kl_loss_estimator != "k3")
     if variant:
         labels["grpo"] += f" ({', '.join(variant)})"
     return stages, labels
@@ -194,8 +196,8 @@ def stage_configs(args, preset, P, budget):
     ppo = configure(PPOConfig, stage["ppo"], kl_estimator=args.kl_estimator, **rl)
     ppo_beta0 = replace(ppo, kl_controller="fixed", beta=0.0)
     advantage, aggregation, kl_in = VARIANTS[args.grpo_variant]
-    grpo = configure(GRPOConfig, stage["grpo"], advantage=advantage,
-                     aggregation=aggregation, kl_in=args.kl_in or kl_in, **rl)
+    grpo = configure(GRPOConfig, stage["grpo"], advantage=advantage, aggregation=aggregation,
+                     kl_in=args.kl_in or kl_in, kl_loss_estimator=args.kl_loss_estimator, **rl)
 
     # DPO on the reward model's pairs (DPO + NLL by default); online DPO
     # runs plain DPO (docs/experiments.md, "Online against offline DPO")

@@ -4,22 +4,19 @@ times and each answer judged against its siblings: no value model, no
 GAE, every token gets its answer's advantage (Shao et al. 2024,
 DeepSeekMath, sec. 4.1.2; Ahmadian et al. 2024, RLOO). Where the KL goes:
 
-  kl_in="reward"  score - beta * sum_t k1, before the baseline, as in
-                  PPO: the policy gradient of -beta KL(pi || pi_ref),
-                  optimum pi* = pi_ref exp(r / beta) / Z
-  kl_in="loss"    + beta * k3 per token in the loss (DeepSeekMath,
-                  eq. 3-4): its value estimates KL(pi || pi_ref) but
-                  its gradient is that of KL(pi_ref || pi) (kl.py)
+  kl_in="reward"  score - beta * sum_t k1 before the baseline, as PPO: the
+                  gradient of -beta KL(pi || pi_ref), optimum pi_ref e^(r/beta) / Z
+  kl_in="loss"    + beta * k3 per token (DeepSeekMath, eq. 3-4): its value
+                  estimates KL(pi || pi_ref), its gradient is KL(pi_ref || pi)'s
 
   variant    advantage                      aggregation  KL
   GRPO       (s - group mean) / group std   "sequence"   k3 in the loss
   Dr. GRPO   s - group mean                 "constant"   k3 in the loss
   RLOO       s - mean of the group's others "constant"   k1 in the reward
 
-Dr. GRPO (Liu et al. 2025): a std scale weighs up prompts whose answers
-agree, a per-answer mean weighs up short answers' tokens. With the KL in
-the reward a std scale prices a nat at beta / std, unlike per prompt: to
-compare KL places, use scale "none".
+Dr. GRPO (Liu et al. 2025): a std scale weighs up prompts whose answers agree,
+a per-answer mean short answers' tokens. With the KL in the reward a std scale
+prices a nat at beta / std, unlike per prompt: compare KL places unscaled.
 """
 import time
 from dataclasses import dataclass
@@ -47,7 +44,8 @@ class GRPOConfig(rollout.RLConfig):  # rollout.RLConfig's knobs, and the group's
     group_size: int = 8             # answers per prompt (rollouts / group_size prompts)
     advantage: str = "group"        # group | batch | none (group_advantages) | rloo
     aggregation: str = "sequence"   # sequence | token | constant (grpo_loss)
-    kl_in: str = "loss"             # loss (k3, GRPO) | reward (k1, RLOO and PPO)
+    kl_in: str = "loss"             # loss (GRPO) | reward (k1, RLOO and PPO)
+    kl_loss_estimator: str = "k3"   # in the loss: k3 | k1 | k2 | k3+ | k3_ratio (grpo_loss)
 
 
 def group_advantages(scores, group_size, scale="group"):
@@ -93,7 +91,7 @@ def advantages(scores, logp, ref_logp, mask, beta, cfg):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2,
-              beta=0.0, aggregation="sequence", max_new_tokens=None):
+              beta=0.0, aggregation="sequence", max_new_tokens=None, kl_estimator="k3"):
     """GRPO's objective as a loss (Shao et al. 2024, eq. 3). logp, old_logp,
     ref_logp, mask (N, T); advantages (N,) or (N, T). rho = exp(logp -
     old_logp) per token:
@@ -104,7 +102,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2,
     answers (GRPO; TRL's grpo); "token": mean over all response tokens
     (DAPO, Yu et al. 2025; TRL's bnpo); "constant": sum / (N *
     max_new_tokens), the run's fixed response budget, never the batch's
-    width, so padding changes nothing (Dr. GRPO; TRL's dr_grpo). -> 0-d."""
+    width, so padding changes nothing (Dr. GRPO; TRL's dr_grpo). kl_estimator:
+    kl.token_kl's ("k3" as GRPO, "k2", "k3+"...), or "k3_ratio": k3 x rho, rho
+    differentiated (TRL's use_bias_correction_kl; DeepSeek-V3.2). -> 0-d."""
     m = mask.bool()
     adv = advantages.float()
     adv = adv[:, None] if adv.dim() == 1 else adv
@@ -112,7 +112,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2,
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     if beta:
-        per_token = per_token + beta * kl.k3(logp, ref_logp)
+        estimator = "k3" if kl_estimator == "k3_ratio" else kl_estimator
+        penalty = kl.token_kl(logp, ref_logp, estimator)
+        if kl_estimator == "k3_ratio":  # unbiased from pi_old's samples
+            penalty = penalty * ratio
+        per_token = per_token + beta * penalty
     per_token = torch.where(m, per_token, 0.0)
 
     if aggregation == "sequence":
@@ -150,7 +154,8 @@ def optimise(policy, batch, optimizer, cfg, beta, budget, pad_id, device, dtype,
                 rollout.check_ratio(logp, mb["logp"], mask, check_tol)
 
             loss = grpo_loss(logp, mb["logp"], mb["ref_logp"], mb["advantages"], mask,
-                             cfg.clip_eps, beta, cfg.aggregation, max_new_tokens=budget)
+                             cfg.clip_eps, beta, cfg.aggregation, max_new_tokens=budget,
+                             kl_estimator=cfg.kl_loss_estimator)
             # "token" is a mean over tokens; the others, over answers
             n = mask.sum() if cfg.aggregation == "token" else len(mask)
             dist.step(loss, optimizer, cfg.max_grad_norm, n)

@@ -6,15 +6,10 @@ only the sampled token, hence Schulman's estimators ("Approximating KL Divergenc
 2020), elementwise, with log r = ref_logp - logp = log pi_ref(x) - log pi(x), x ~ pi.
 Exact moments for pi = N(0, 1), pi_ref = N(mu, 1), KL = mu^2/2:
 
-    estimator             bias and sign
-    k1 = -log r           unbiased, noisy, < 0 where pi_ref(x) > pi(x)
-    k2 = (log r)^2 / 2    biased (KL + O(KL^{3/2})), >= 0
-    k3 = (r - 1) - log r  unbiased, >= 0, low variance near pi_ref
-
-          mean             variance
-    k1    mu^2/2           mu^2
-    k2    mu^2/2 + mu^4/8  (2 mu^4 + mu^6)/4
-    k3    mu^2/2           e^{mu^2} - 1 - mu^2
+    estimator             bias, sign                mean             variance
+    k1 = -log r           unbiased, noisy, can < 0  mu^2/2           mu^2
+    k2 = (log r)^2 / 2    biased, >= 0              mu^2/2 + mu^4/8  (2 mu^4 + mu^6)/4
+    k3 = (r - 1) - log r  unbiased, >= 0            mu^2/2           e^{mu^2} - 1 - mu^2
 
 So a logged k1 KL can be negative (the true KL never is): a few hundred samples
 do not average away the tokens the reference likes more (`experiments.py kl`).
@@ -26,8 +21,13 @@ x ~ pi, the sampling not differentiated (tests/test_kl.py checks each):
     reward, REINFORCE/PPO (k3)       grad KL(pi||pi_ref) - grad KL(pi_ref||pi)
     reward, REINFORCE/PPO ("full")   0 at its own position (constant per prefix)
     loss, differentiated (k1)        0
-    loss, differentiated (k2)        grad KL(pi || pi_ref)   exact
+    loss, differentiated (k2, k3+)   grad KL(pi || pi_ref)   exact
     loss, differentiated (k3, GRPO)  grad KL(pi_ref || pi)   the other one!
+    loss, k3 x pi / pi_old (ratio differentiated)  grad KL(pi || pi_ref), off-policy too
+
+Per position only: over a sequence a token also changes the KL of every later
+token, which k1 in the reward with reward-to-go pays for and a per-token loss does
+not (`experiments.py klgrad` computes the gap exactly).
 """
 import torch
 
@@ -73,14 +73,17 @@ def full_kl(logits, ref_logits, reverse=True):
 
 
 def token_kl(logp, ref_logp, estimator="k1", logits=None, ref_logits=None):
-    """Per-token estimate (B, T) named by `estimator` ("k1", "k2", "k3", "full"); "full"
-    needs logits, ref_logits (B, T, V): logits[:, t] produced the token of logp[:, t]."""
+    """Per-token estimate (B, T) named by `estimator` ("k1", "k2", "k3", "k3+": k3's
+    value with k2's gradient (verl), "full": needs logits, ref_logits (B, T, V),
+    logits[:, t] having produced the token of logp[:, t])."""
+    if estimator == "k3+":
+        return k2(logp, ref_logp) + (k3(logp, ref_logp) - k2(logp, ref_logp)).detach()
     if estimator == "full":
         if logits is None or ref_logits is None:
             raise ValueError('estimator "full" needs logits and ref_logits')
         return full_kl(logits, ref_logits)
     if estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"unknown KL estimator {estimator!r}: use k1, k2, k3 or full")
+        raise ValueError(f"unknown KL estimator {estimator!r}: use k1, k2, k3, k3+ or full")
     return {"k1": k1, "k2": k2, "k3": k3}[estimator](logp, ref_logp)
 
 
@@ -117,15 +120,11 @@ def kl_penalized_rewards(scores, logp, ref_logp, mask, beta,
 
 
 def kl_loss(logp, ref_logp, mask, estimator="k3"):
-    """KL in the loss (GRPO; Shao et al. 2024, DeepSeekMath, eq. 3-4), added as coef *
-    kl_loss instead of -beta * KL in the reward: scalar mean over all response tokens
-    (GRPO averages per sequence first), gradients through logp. The catch: sampling
-    from pi is not differentiated, so per position (grad k3 = (1 - pi_ref/pi) grad log pi),
-
-        E_pi[grad k3] = sum_x (pi(x) - pi_ref(x)) grad log pi(x)
-                      = -sum_x pi_ref(x) grad log pi(x) = grad KL(pi_ref || pi),
-
-    the OTHER one, though k3's value estimates KL(pi || pi_ref). Use k2."""
+    """KL in the loss (Shao et al. 2024, DeepSeekMath, eq. 3-4): the mean over
+    response tokens, gradients through logp. Sampling is not differentiated, so
+    E_pi[grad k3] = sum_x (pi - pi_ref) grad log pi = grad KL(pi_ref || pi): the
+    OTHER direction, though k3's value estimates KL(pi || pi_ref). k2 has the
+    intended gradient per position (module table)."""
     logp, ref_logp = _masked(logp, mask), _masked(ref_logp.detach(), mask)
     est = token_kl(logp, ref_logp, estimator)
     return _masked(est, mask).sum() / mask.float().sum().clamp(min=1.0)

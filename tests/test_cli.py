@@ -29,6 +29,7 @@ def refused(argv, capsys):
     (["--kl-in", "both"], "--kl-in both"),
     (["--reward", "human"], "--reward human"),
     (["--kl-estimator", "k4"], "k4"),
+    (["--kl-loss-estimator", "k5"], "--kl-loss-estimator k5"),
     (["--device", "cuda"], "cuda"),
     (["--device", "tpu"], "tpu"),
     (["--dtype", "fp8"], "fp8"),
@@ -84,7 +85,10 @@ def test_stage_configs_is_the_one_place_where_flags_become_configs():
     assert c["ppo"].updates == c["grpo"].updates == 3 and c["ppo"].rollouts == 32  # flag, preset
     assert c["ppo"].kl_controller == c["grpo"].kl_controller == "fixed" and c["ppo"].beta == 0.05
     assert c["ppo_beta0"].beta == 0.0 and c["ppo_beta0"].kl_controller == "fixed"
-    assert c["ppo"].kl_estimator == "k3"
+    assert c["ppo"].kl_estimator == "k3" and c["grpo"].kl_loss_estimator == "k3"
+    plus = stage_configs(train.parse_args(["--kl-loss-estimator", "k3+"]), "tiny", P, 41)
+    assert plus["grpo"].kl_loss_estimator == "k3+" and train.parse_args(
+        ["--kl-loss-estimator", "k3+"]).labels["grpo"] == "GRPO (k3+ in the loss)"
     assert (c["grpo"].advantage, c["grpo"].aggregation, c["grpo"].kl_in) == ("rloo", "constant", "reward")
     assert c["dpo"].steps == c["dpo_online"].steps == 7
     assert c["dpo"].sft_coef == 1.0 and c["dpo_online"].sft_coef == 0.0

@@ -278,3 +278,38 @@ def test_the_loop_checks_the_first_ratio(enc, monkeypatch):
     with pytest.raises(RuntimeError, match="the ratio"):
         grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.zeros(t.shape[0]), enc, PROMPTS, cfg,
                         log=lambda r: None)
+
+
+def test_kl_loss_estimators_by_hand():
+    """grpo_loss's kl_estimator: k2 and k3+ share k2's gradient, beta (logp - ref_logp), while k3+
+    keeps k3's value; k3_ratio is k3 times rho = pi / pi_old with rho differentiated (TRL's
+    use_bias_correction_kl), d/dlogp = rho (k3 + 1 - pi_ref / pi). One answer, one token, A = 0."""
+    logp0, old, ref, beta = -1.0, -1.3, -1.6, 0.5
+    mask, adv = torch.ones(1, 1), torch.zeros(1)
+    r = math.exp(ref - logp0)                       # pi_ref / pi
+    k3_value = r - 1 - math.log(r)
+    rho = math.exp(logp0 - old)
+    expected = {"k3": (beta * k3_value, beta * (1 - r)),
+                "k2": (beta * 0.5 * (ref - logp0) ** 2, beta * (logp0 - ref)),
+                "k3+": (beta * k3_value, beta * (logp0 - ref)),
+                "k3_ratio": (beta * rho * k3_value, beta * rho * (k3_value + 1 - r))}
+    for estimator, (value, gradient) in expected.items():
+        logp = torch.tensor([[logp0]], requires_grad=True)
+        loss = grpo.grpo_loss(logp, torch.tensor([[old]]), torch.tensor([[ref]]), adv, mask, 0.2, beta,
+                              "token", kl_estimator=estimator)
+        loss.backward()
+        assert loss.item() == pytest.approx(value, rel=1e-5), estimator
+        assert logp.grad.item() == pytest.approx(gradient, rel=1e-5), estimator
+    with pytest.raises(ValueError, match="estimator"):
+        grpo.grpo_loss(logp, torch.tensor([[old]]), torch.tensor([[ref]]), adv, mask, 0.2, beta,
+                       kl_estimator="k4")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3+", "k3_ratio"])
+def test_each_kl_loss_estimator_runs_in_the_loop(enc, estimator):
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    cfg = grpo.GRPOConfig(updates=2, rollouts=8, group_size=4, minibatch_size=4, max_new_tokens=4,
+                          lr=1e-2, no_eos_score=None, kl_loss_estimator=estimator)
+    _, history = grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.rand(t.shape[0]), enc,
+                                 PROMPTS, cfg, log=lambda r: None)
+    assert math.isfinite(history[-1]["policy_loss"]) and history[-1]["kl_exact"] > 0
