@@ -5,11 +5,12 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py controller --out out   # the adaptive controller holds its KL target
     python experiments.py overopt    --out out   # gold and proxy reward against sqrt(KL)
     python experiments.py frontier   --out out   # gold reward against KL: PPO, GRPO, RLOO, DPO, online
-    python experiments.py klplace    --out out   # GRPO: k3 in the loss against k1 in the reward
+    python experiments.py klplace    --out out   # GRPO: k3 or k2 in the loss, k1 in the reward
     python experiments.py gold       --out out   # GRPO on the gold reward: beta = 0 against the controller
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
     python experiments.py kl         --out out   # the KL estimators k1, k2, k3 against the exact KL
     python experiments.py reward     --out out   # what the reward model gets wrong
+    python experiments.py klgrad [--json]        # each way to put the KL in: its exact gradient
 
 Each one reads a finished run of `python train.py --out OUT`: OUT/sft.pt, OUT/tokenizer.json,
 OUT/reward_model.pt and the run's config and preference pairs (OUT/stages/reward_model.json),
@@ -18,7 +19,8 @@ precision: also DPO) policies from the SFT model with the run's preset and dtype
 train.py judges them (evaluate.evaluate_policy on the fixed held-out prompts). Runs are cached
 in OUT/ppo_runs/, grpo_runs/ and dpo_runs/ with the config of the run they started from. Every command
 writes OUT/plots/<name>.png, OUT/<name>.json and a markdown table on stdout (kl draws
-plots/kl_estimators.png, reward plots/reward_model.png).
+plots/kl_estimators.png, reward plots/reward_model.png). klgrad needs no run: it enumerates every
+answer of a tiny table policy, prints its tables and writes docs/klgrad.png (--out-plot).
 """
 import argparse
 import itertools
@@ -41,7 +43,7 @@ import tokenizer as tok
 import world
 from evaluate import evaluate_policy, gold_scores
 from grpo import VARIANTS, GRPOConfig, train_grpo
-from kl import full_kl, sequence_kl, token_kl
+from kl import full_kl, k1, k2, k3, sequence_kl, token_kl
 from model import autocast, load_checkpoint, pick_device
 from ppo import PPOConfig, train_ppo
 from reference import freeze, response_mask, token_logprobs, trainable
@@ -716,34 +718,39 @@ def variant(gcfg, name):
     return replace(gcfg, advantage=advantage, aggregation=aggregation, kl_in=kl_in)
 
 
+KL_PLACES = {"k3 in the loss (GRPO)": dict(kl_in="loss", kl_loss_estimator="k3"),
+             "k2 in the loss": dict(kl_in="loss", kl_loss_estimator="k2"),
+             "k1 in the reward (RLOO, PPO)": dict(kl_in="reward")}
+
+
 def kl_place_configs(gcfg, betas):
-    """{kl_in: [a GRPOConfig per beta]}: k3 in the loss and k1 in the reward, at fixed betas, both with
+    """{arm: [a GRPOConfig per beta]} for each place of the KL (KL_PLACES), at fixed betas, all with
     unscaled group advantages ("none"): divided by a group's std, a nat in the reward would cost
     beta / std, a different price per prompt, and a group whose scores tie would be ranked by its KL
     alone whatever beta is."""
-    return {kl_in: [replace(gcfg, kl_in=kl_in, advantage="none", kl_controller="fixed", beta=b)
-                    for b in betas] for kl_in in ("loss", "reward")}
+    return {arm: [replace(gcfg, **place, advantage="none", kl_controller="fixed", beta=b)
+                  for b in betas] for arm, place in KL_PLACES.items()}
 
 
 def kl_place(env, gcfg, out, betas):
-    """GRPO with k3 in the loss against the same GRPO with k1 in the reward (RLOO's and PPO's place), at
-    the same fixed betas (kl_place_configs): which direction of the KL does each hold down? Both are
-    measured exactly at the end: KL(pi || pi_ref) on the policy's answers, KL(pi_ref || pi) on the
-    reference's."""
+    """GRPO with k3 in the loss, with k2 in the loss, and with k1 in the reward (RLOO's and PPO's
+    place), at the same fixed betas (kl_place_configs): which direction of the KL does each hold
+    down? Both are measured exactly at the end: KL(pi || pi_ref) on the policy's answers,
+    KL(pi_ref || pi) on the reference's."""
     plt = pyplot()
-    runs = {kl_in: [run_ppo(env, f"GRPO kl_in={kl_in} beta={c.beta:g} unscaled", c, out) for c in cfgs]
-            for kl_in, cfgs in kl_place_configs(gcfg, betas).items()}
+    tag = lambda c: f"{c.kl_in}_{c.kl_loss_estimator if c.kl_in == 'loss' else 'k1'}"
+    runs = {arm: [run_ppo(env, f"GRPO {tag(c)} beta={c.beta:g} unscaled", c, out) for c in cfgs]
+            for arm, cfgs in kl_place_configs(gcfg, betas).items()}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for kl_in, marker in (("loss", "o-"), ("reward", "s--")):
-        name = "k3 in the loss (GRPO)" if kl_in == "loss" else "k1 in the reward (RLOO, PPO)"
+    for (arm, arm_runs), marker in zip(runs.items(), ("o-", "^-.", "s--")):
         for ax, key in zip(axes, ("kl", "kl_forward", "gold_reward")):
-            ax.plot(betas, [r["final"][key] for r in runs[kl_in]], marker, label=name)
+            ax.plot(betas, [r["final"][key] for r in arm_runs], marker, label=arm)
     for ax, title in zip(axes, ("KL(pi || pi_ref), policy's answers", "KL(pi_ref || pi), reference's answers",
                                 "gold reward")):
         ax.set(xscale="log", xlabel="beta (fixed)", title=title)
     axes[0].set_ylabel("nats per answer")
     axes[0].legend(fontsize=8)
-    every = runs["loss"] + runs["reward"]
+    every = [r for arm_runs in runs.values() for r in arm_runs]
     keys = ("proxy_reward", "gold_reward", "valid_rate", "distinct_2", "kl", "kl_forward")
     print("\n" + table([sft_baseline(env)] + every, keys) + "\n")
     save(out, "klplace", {k: [{key: r[key] for key in ("label", "config", "final")} for r in v]
@@ -775,9 +782,312 @@ def gold(env, gcfg, out):
     return runs
 
 
+# --------------------------------------------------------------------------- 9. the KL-gradient lab
+# Every way of putting the KL in, and the gradient it gives IN EXPECTATION, computed exactly: the
+# policy and the reference are tables of logits, one row per prefix, over V = 3 tokens, so all V^T
+# answers of length T are enumerated and weighted by their probability (no sampling noise).
+# Sources: k1, k2, k3 (Schulman, "Approximating KL Divergence", 2020); the gap between the
+# sequence's KL and per-token KL losses (Tang & Munos 2025, arXiv 2506.09477); "k3+" (verl's
+# low_var_kl+: k3's value, k2's gradient); k3 times pi/pi_old (DeepSeek-V3.2's unbiased KL, TRL's
+# use_bias_correction_kl). A surrogate maps a batch b of answers (a dict: lp, ref_lp, sampler_lp
+# (N, T), the log-probs of their tokens under pi, pi_ref and the sampler; logits, ref_logits
+# (N, T, V)) to (N,) values whose gradient, through lp and logits only, is the method's update.
+
+LAB_VOCAB = 3
+KLGRAD_PLOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "klgrad.png")
+
+
+def lab_tables(seed=0, vocab=LAB_VOCAB, max_len=6, drift=1.2, step=0.3):
+    """Logit tables (P, V), float64, one row per prefix of length 0 .. max_len - 1, P = (V^max_len
+    - 1) / (V - 1) (lab_sequences gives the row of a prefix): ref ~ N(0, 1) per logit; policy =
+    ref + a move of norm `drift` in a random direction per row (centred: softmax ignores a shift),
+    0.1-0.2 nats of KL per token; old = policy - a move of norm `step`: the policy one small step
+    ago (pi_old, as after an epoch of PPO or GRPO)."""
+    g = torch.Generator().manual_seed(seed)
+    P = (vocab ** max_len - 1) // (vocab - 1)
+
+    def move(size):
+        d = torch.randn(P, vocab, generator=g, dtype=torch.float64)
+        d = d - d.mean(-1, keepdim=True)
+        return size * d / d.norm(dim=-1, keepdim=True)
+    ref = torch.randn(P, vocab, generator=g, dtype=torch.float64)
+    policy = ref + move(drift)
+    return dict(ref=ref, policy=policy, old=policy - move(step))
+
+
+def lab_sequences(T, vocab=LAB_VOCAB):
+    """(seqs, rows), both (V^T, T) long: every answer of length T, and the table row of the prefix
+    x_<t that token t is drawn from: prefixes by length, then as base-V numbers (row 0: empty)."""
+    seqs = torch.tensor(list(itertools.product(range(vocab), repeat=T)), dtype=torch.long)
+    rows, number = torch.zeros_like(seqs), torch.zeros(len(seqs), dtype=torch.long)
+    for t in range(T):
+        rows[:, t] = (vocab ** t - 1) // (vocab - 1) + number
+        number = number * vocab + seqs[:, t]
+    return seqs, rows
+
+
+def token_logps(logits, seqs):
+    """(N, T) log-prob of each answer's tokens, from logits (N, T, V) and seqs (N, T)."""
+    return torch.log_softmax(logits, -1).gather(-1, seqs[..., None]).squeeze(-1)
+
+
+def true_gradients(tables, T):
+    """({"reverse": grad KL(pi || pi_ref), "forward": grad KL(pi_ref || pi)}, {their values}):
+    the KLs of answers of length T, sum over all V^T answers of P(x) log(P(x) / P_ref(x)) with
+    P(x) = prod_t pi(x_t | x_<t), and their gradients (P * V,) w.r.t. the policy's logit table."""
+    seqs, rows = lab_sequences(T, tables["ref"].shape[1])
+    table = tables["policy"].clone().requires_grad_()
+    logp = token_logps(table[rows], seqs).sum(-1)
+    ref_logp = token_logps(tables["ref"][rows], seqs).sum(-1)
+    kls = {"reverse": (logp.exp() * (logp - ref_logp)).sum(),
+           "forward": (ref_logp.exp() * (ref_logp - logp)).sum()}
+    grads = {k: torch.autograd.grad(v, table, retain_graph=True)[0].flatten()
+             for k, v in kls.items()}
+    return grads, {k: v.item() for k, v in kls.items()}
+
+
+def to_go(x):
+    """(N, T): sum_{u >= t} x_u, the return from token t on (gamma = 1)."""
+    return x.flip(-1).cumsum(-1).flip(-1)
+
+
+def per_token_loss(estimator):
+    """sum_t estimator(logp_t, ref_logp_t) (N,), differentiated: a KL loss, GRPO's place (Shao
+    et al. 2024, eq. 4), with one of Schulman's (2020) estimators k1, k2, k3."""
+    return lambda b: estimator(b["lp"], b["ref_lp"]).sum(-1)
+
+
+def k1_reward_to_go(b):
+    """(N,) sum_t log pi(x_t) * sum_{u>=t} k1_u, the return not differentiated: REINFORCE
+    (Williams 1992; PPO with gamma = lambda = 1) with the reward -k1 (Schulman 2020) on every
+    token (kl.kl_penalized_rewards), written as a loss to minimise."""
+    return (b["lp"] * to_go(k1(b["lp"], b["ref_lp"])).detach()).sum(-1)
+
+
+def k1_reward_own(b):
+    """(N,) sum_t log pi(x_t) * k1_t: the same with gamma = 0, each token credited with its own
+    k1 only."""
+    return (b["lp"] * k1(b["lp"], b["ref_lp"]).detach()).sum(-1)
+
+
+def future_kl_term(b):
+    """(N,) sum_t log pi(x_t) * sum_{u>t} k1_u: what reward-to-go adds to gamma = 0 (and to a k2
+    loss): how token t changes the KL of every later token, the term a per-token KL loss drops
+    (Tang & Munos 2025, arXiv 2506.09477)."""
+    est = k1(b["lp"], b["ref_lp"]).detach()
+    return (b["lp"] * (to_go(est) - est)).sum(-1)
+
+
+def k3_plus(b):
+    """(N,) sum_t k2_t + (k3_t - k2_t).detach(): k3's value, k2's gradient (verl's "k3+",
+    low_var_kl+)."""
+    est2, est3 = k2(b["lp"], b["ref_lp"]), k3(b["lp"], b["ref_lp"])
+    return (est2 + (est3 - est2).detach()).sum(-1)
+
+
+def full_loss(b):
+    """(N,) sum_t kl.full_kl(x_<t): the exact KL(pi || pi_ref) over the vocabulary at each
+    sampled prefix, differentiated (the prefixes stay as sampled)."""
+    return full_kl(b["logits"], b["ref_logits"]).sum(-1)
+
+
+def k3_ratio(b):
+    """(N,) sum_t pi(x_t) / pi_s(x_t) * k3_t, the ratio differentiated, pi_s the sampler (pi_old,
+    or pi itself: the ratio's value is then 1): DeepSeek-V3.2's importance-weighted k3 (its
+    report's "unbiased KL estimate"; TRL's use_bias_correction_kl)."""
+    return (torch.exp(b["lp"] - b["sampler_lp"]) * k3(b["lp"], b["ref_lp"])).sum(-1)
+
+
+def sequence_score(b):
+    """(N,) sum_t log pi(x_t) * K, K = sum_u k1_u = log P(x) / P_ref(x): the whole answer's k1
+    as the return of every token (REINFORCE on the sequence, no reward-to-go)."""
+    return b["lp"].sum(-1) * k1(b["lp"], b["ref_lp"]).sum(-1).detach()
+
+
+def sequence_loss(estimator):
+    """(N,) estimator(log P(x), log P_ref(x)): the answer's summed log-probs as ONE sample of a
+    distribution over answers, differentiated (k1 gives sum_t k1_t, the per-token k1 loss)."""
+    return lambda b: estimator(b["lp"].sum(-1), b["ref_lp"].sum(-1))
+
+
+# name: (sampler, surrogate). A method's expected gradient is E_sampler[grad surrogate].
+KLGRAD_METHODS = {
+    "k1-reward-togo": ("policy", k1_reward_to_go),
+    "k1-reward-own": ("policy", k1_reward_own),
+    "k1-loss": ("policy", per_token_loss(k1)),
+    "k2-loss": ("policy", per_token_loss(k2)),
+    "k3-loss": ("policy", per_token_loss(k3)),
+    "full-loss": ("policy", full_loss),
+    "k3+-loss": ("policy", k3_plus),
+    "k3-ratio-loss": ("policy", k3_ratio),
+    "seq-k1-reward": ("policy", sequence_score),
+    "seq-k1-loss": ("policy", sequence_loss(k1)),
+    "seq-k2-loss": ("policy", sequence_loss(k2)),
+    "seq-k3-loss": ("policy", sequence_loss(k3)),
+    "old-k3-loss": ("old", per_token_loss(k3)),
+    "old-k3-ratio-loss": ("old", k3_ratio),
+}
+KLGRAD_LEGEND = {
+    "k1-reward-togo": "k1 in the reward, reward-to-go (REINFORCE, gamma = 1)",
+    "k1-reward-own": "k1 in the reward, own token only (gamma = 0)",
+    "k1-loss": "k1 as a loss, summed over tokens", "k2-loss": "k2 as a loss",
+    "k3-loss": "k3 as a loss (GRPO)", "full-loss": "kl.full_kl per position as a loss",
+    "k3+-loss": "k3's value, k2's gradient (verl)",
+    "k3-ratio-loss": "k3 * pi/pi_s as a loss, on-policy (ratio 1, differentiated)",
+    "seq-k1-reward": "REINFORCE with the answer's k1 = log P/P_ref as every token's return",
+    "seq-k1-loss": "log P/P_ref as one loss (= k1-loss)",
+    "seq-k2-loss": "(log P/P_ref)^2 / 2 as one loss", "seq-k3-loss": "k3 of the answer as one loss",
+    "old-k3-loss": "k3 as a loss, answers from pi_old",
+    "old-k3-ratio-loss": "k3 * pi/pi_old as a loss, answers from pi_old (DeepSeek-V3.2)",
+}
+
+
+def answer_gradients(tables, T, surrogate, sampler="policy"):
+    """(G, w): G (V^T, P * V), each answer's gradient of its surrogate w.r.t. the policy's logit
+    table; w (V^T,) each answer's probability under the sampler ("policy" or "old"), a constant
+    as in training. The exact expected gradient is w @ G; a batch of n answers estimates it by the
+    mean of their rows. Each answer gets its own copy of its rows, so one backward gives all G."""
+    vocab = tables["ref"].shape[1]
+    seqs, rows = lab_sequences(T, vocab)
+    logits = tables["policy"][rows].requires_grad_()  # (N, T, V)
+    sampler_lp = token_logps(tables[sampler][rows], seqs)
+    b = dict(lp=token_logps(logits, seqs), ref_lp=token_logps(tables["ref"][rows], seqs),
+             logits=logits, ref_logits=tables["ref"][rows], sampler_lp=sampler_lp)
+    (grad,) = torch.autograd.grad(surrogate(b).sum(), logits)
+    G = torch.zeros(len(seqs), len(tables["ref"]), vocab, dtype=torch.float64)
+    G[torch.arange(len(seqs))[:, None], rows] = grad  # an answer's rows are distinct
+    return G.flatten(1), sampler_lp.sum(-1).exp()
+
+
+def expected_gradient(tables, T, surrogate, sampler="policy"):
+    """(P * V,) E_sampler[grad surrogate], exactly: sum over answers of P_sampler(x) grad f(x)."""
+    G, w = answer_gradients(tables, T, surrogate, sampler)
+    return w @ G
+
+
+def compare(g, truth):
+    """(relative error ||g - g_true|| / ||g_true||, cosine; 0 for a zero g, as k1's loss gives)."""
+    norm, true_norm = g.norm().item(), truth.norm().item()
+    cos = 0.0 if norm < 1e-9 * true_norm else (g @ truth).item() / (norm * true_norm)
+    return (g - truth).norm().item() / true_norm, cos
+
+
+def batch_weights(w, n, batches, generator):
+    """(batches, N): each simulated batch's share of each answer, n answers drawn from w (N,)."""
+    idx = torch.multinomial(w, n * batches, replacement=True, generator=generator)
+    counts = torch.zeros(batches, len(w), dtype=torch.float64)
+    counts.scatter_add_(1, idx.view(batches, n), torch.ones(batches, n, dtype=torch.float64))
+    return counts / n
+
+
+def sampling_std(G, w, shares, n):
+    """(simulated, exact): the root-mean-square deviation of a batch's estimate (shares @ G, the
+    mean gradient of its n answers) from the exact mean w @ G over the simulated batches, and its
+    exact value sqrt(sum_x w(x) ||G(x) - w @ G||^2 / n)."""
+    mean = w @ G
+    simulated = (shares @ G - mean).square().sum(1).mean().sqrt().item()
+    return simulated, (w @ (G - mean).square().sum(1) / n).sqrt().item()
+
+
+def klgrad_rows(tables, lengths, n=64, batches=200, seed=0, log=print):
+    """One row per method and T: rel_err and cos against grad KL(pi || pi_ref) ("reverse") and
+    grad KL(pi_ref || pi) ("forward"), and std: a batch of n answers' RMS deviation from the
+    method's exact mean, over ||grad KL(pi || pi_ref)|| (std_exact: its closed form)."""
+    g, rows, t0 = torch.Generator().manual_seed(seed), [], time.time()
+    for T in lengths:
+        truth, kls = true_gradients(tables, T)
+        shares = {}  # the same batches for every method with the same sampler
+        for method, (sampler, surrogate) in KLGRAD_METHODS.items():
+            G, w = answer_gradients(tables, T, surrogate, sampler)
+            if sampler not in shares:
+                shares[sampler] = batch_weights(w, n, batches, g)
+            row = dict(method=method, T=T, sampler=sampler, n=n, batches=batches,
+                       kl_reverse=kls["reverse"], kl_forward=kls["forward"])
+            for direction in ("reverse", "forward"):
+                rel, cos = compare(w @ G, truth[direction])
+                row.update({f"rel_err_{direction}": rel, f"cos_{direction}": cos})
+            std, std_exact = sampling_std(G, w, shares[sampler], n)
+            scale = truth["reverse"].norm().item()
+            rows.append(dict(row, std=std / scale, std_exact=std_exact / scale))
+        log(f"klgrad: T = {T} done ({len(w)} answers, KL(pi || pi_ref) {kls['reverse']:.3f}, "
+            f"KL(pi_ref || pi) {kls['forward']:.3f}), {time.time() - t0:.1f}s", flush=True)
+    return rows
+
+
+def klgrad_tables(rows, lengths):
+    """Markdown: for each direction, rel_err (cos) per method and T; then std per method and T."""
+    head = "| method | " + " | ".join(f"T = {T}" for T in lengths) + " |\n" + "|---" * (
+        len(lengths) + 1) + "|\n"
+    cell = {(r["method"], r["T"]): r for r in rows}
+    out = []
+    parts = (("KL(pi || pi_ref): rel_err (cos)", "{rel_err_reverse:.3f} ({cos_reverse:+.3f})"),
+             ("KL(pi_ref || pi): rel_err (cos)", "{rel_err_forward:.3f} ({cos_forward:+.3f})"),
+             ("std of a batch's estimate / ||grad KL(pi || pi_ref)||", "{std:.3f}"))
+    for title, fmt in parts:
+        lines = [f"| {m} | " + " | ".join(fmt.format(**cell[m, T]) for T in lengths) + " |"
+                 for m in KLGRAD_METHODS]
+        out.append(f"{title}\n\n{head}" + "\n".join(lines))
+    return "\n\n".join(out)
+
+
+def same_gradient_groups(rows, tol=1e-5):
+    """[[method, ...], ...]: methods whose relative errors agree (to tol) in both directions at
+    every T, i.e. (here) with the same expected gradient: they share a line of the plot."""
+    groups = []  # (errors, [methods])
+    for method in KLGRAD_METHODS:
+        errs = torch.tensor([(r["rel_err_reverse"], r["rel_err_forward"])
+                             for r in rows if r["method"] == method])
+        match = next((g for e, g in groups if (e - errs).abs().max() < tol), None)
+        if match is None:
+            groups.append((errs, [method]))
+        else:
+            match.append(method)
+    return [g for _, g in groups]
+
+
+def plot_klgrad(rows, lengths, path):
+    """Relative error against T per method, one panel per KL direction, written to path."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for group, marker in zip(same_gradient_groups(rows), itertools.cycle("os^vDP*X")):
+        for ax, direction in zip(axes, ("reverse", "forward")):
+            ys = [r[f"rel_err_{direction}"] for T in lengths for r in rows
+                  if r["method"] == group[0] and r["T"] == T]
+            ax.plot(lengths, ys, marker=marker, label=" = ".join(group))
+    for ax, title in zip(axes, ("against grad KL(pi || pi_ref)", "against grad KL(pi_ref || pi)")):
+        ax.set(xlabel="answer length T", title=title, xticks=list(lengths))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("relative error of the expected gradient")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8,
+               title="methods with the same expected gradient share a line")
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def klgrad(out_plot=KLGRAD_PLOT, as_json=False, max_len=6, n=64, batches=200, seed=0):
+    """The KL-gradient lab: every method of KLGRAD_METHODS against the exact gradients of both
+    sequence KLs, T = 1 .. max_len; prints the tables (stderr with as_json, stdout then holding
+    one JSON array of the rows), writes the plot to out_plot. Returns the rows."""
+    log = lambda *a, **k: print(*a, file=sys.stderr if as_json else sys.stdout, **k)
+    tables, lengths = lab_tables(seed, max_len=max_len), list(range(1, max_len + 1))
+    log(f"klgrad: V = {LAB_VOCAB}, T = 1 .. {max_len}, seed {seed}; std from {batches} batches of "
+        f"n = {n} answers")
+    rows = klgrad_rows(tables, lengths, n, batches, seed, log)
+    log("\n" + klgrad_tables(rows, lengths) + "\n")
+    log("\n".join(f"  {m}: {d}" for m, d in KLGRAD_LEGEND.items()) + "\n")
+    plot_klgrad(rows, lengths, out_plot)
+    log(f"wrote {out_plot}")
+    if as_json:
+        print(json.dumps(rows))
+    return rows
+
+
 # ----------------------------------------------------------------------------- the command line
 
-EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward", "klplace", "gold")
+EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward",
+               "klplace", "gold", "klgrad")
 # PPO updates per run when --updates is not given, as a share of the preset's (cpu: 80): the
 # controller needs time to settle; hacking and overopt see the damage well before.
 UPDATE_SHARE = {"hacking": 0.75, "controller": 1.0, "overopt": 0.75, "frontier": 1.0, "precision": 1.0,
@@ -803,9 +1113,17 @@ def main(argv=None):
                         help="frontier: online DPO's beta values")
     parser.add_argument("--dpo-steps", type=int, default=None,
                         help="DPO steps at most (default: the run preset's; plain DPO at most 100)")
-    parser.add_argument("--n", type=int, default=256, help="kl: samples per answer length")
+    parser.add_argument("--n", type=int, default=None,
+                        help="kl: samples per answer length (256); klgrad: answers per batch (64)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="PPO and DPO seed, the same for every run of an experiment (precision: 0 and 1)")
+                        help="PPO and DPO seed, the same for every run of an experiment "
+                             "(precision: 0 and 1; klgrad: its tables and batches)")
+    parser.add_argument("--json", action="store_true",
+                        help="klgrad: stdout is one JSON array of rows, everything else to stderr")
+    parser.add_argument("--out-plot", default=KLGRAD_PLOT, help="klgrad: where its plot goes")
+    parser.add_argument("--max-len", type=int, default=6, help="klgrad: the longest answer, T")
+    parser.add_argument("--batches", type=int, default=200,
+                        help="klgrad: simulated batches for the std of a batch's estimate")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; use 1 when runs share the CPU)")
     args = parser.parse_args(argv)
@@ -813,10 +1131,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device, name, t0 = pick_device(args.device), args.experiment, time.time()
     if name == "kl":
-        kl_estimators(args.out, args.n, device)
+        kl_estimators(args.out, args.n or 256, device)
+    elif name == "klgrad":  # no run needed: exact tables on the CPU
+        klgrad(args.out_plot, args.json, args.max_len, args.n or 64, args.batches, args.seed)
     else:
         run_experiment(name, args, device)
-    print(f"{name}: {time.time() - t0:.0f}s")
+    print(f"{name}: {time.time() - t0:.0f}s", file=sys.stderr if args.json else sys.stdout)
 
 
 def run_experiment(name, args, device):
