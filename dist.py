@@ -25,7 +25,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as td
 
-if td.is_available():  # before any group exists: see `close`
+# Imported after init (torch._dynamo does, at the first optimizer) it would bind the
+# group into its functions' defaults: the group, and gloo's threads, would outlive
+# close(), and a thread alive at interpreter exit aborts the rank.
+if td.is_available():
     import torch.distributed.nn  # noqa: F401
 
 
@@ -63,10 +66,8 @@ def barrier():  # wait until every rank is here
 
 
 def close():
-    """Leave the group, all ranks together. Its threads stop only if
-    nothing else holds it: torch.distributed.nn, imported after init (by
-    the first optimizer), would, and a gloo thread alive at exit aborts
-    the rank. Hence that import at the top of this file."""
+    """Leave the group, all ranks together (its gloo threads stop: see the
+    import of torch.distributed.nn at the top, before any group exists)."""
     if on():
         td.barrier()
         td.destroy_process_group()
@@ -184,10 +185,9 @@ def average_gradients(params):
 
 
 def step(loss, optimizer, max_grad_norm, count=None, clip_each_group=False):
-    """Backward, the ranks' gradients averaged, the norm clipped (all
-    parameters together, or each param group alone: PPO's policy and
-    critic), the update. count: the loss is a mean over this rank's
-    `count` items, weighted by share(count); None: already a share."""
+    """Backward, gradients averaged over the ranks, the norm clipped (all
+    together, or each param group alone: PPO's policy, critic), the update.
+    count: the loss is a mean over `count` items, weighted by share(count)."""
     if count is not None:
         loss = loss * share(count)
     groups = [g["params"] for g in optimizer.param_groups]

@@ -36,9 +36,8 @@ def exact_sequence_kl(policy, ref, tokens, prompt_len, pad_id):
 
 @torch.no_grad()
 def answer(model, enc, prompts, budget, device, dtype, temperature=1.0, generator=None):
-    """One answer per prompt, at most `budget` tokens -> tokens (B, P+N)
-    (left-padded prompt, answer, PAD after EOS), P, log-probs (B, N) of the
-    sampled tokens, texts (prompt + answer), ended (B,) list of bools."""
+    """One answer per prompt -> tokens (B, P+N) (left-padded prompt, answer, PAD
+    after EOS), P, the sampled tokens' log-probs (B, N), texts, ended (B,)."""
     pad = tok.pad_id(enc)
     prompt = tok.left_pad([tok.encode(enc, p) for p in prompts], pad).to(device)
     with autocast(device, dtype, sampling=True):

@@ -78,12 +78,11 @@ def judged_pairs(policy, ref, judge, enc, prompts, budget, device="cpu", dtype="
 
 def train_online_dpo(policy, ref, enc, prompts, judge, cfg: DPOConfig, device="cpu",
                      dtype="fp32", log=print, eval_fn=None):
-    """cfg.steps dpo_steps, each on batch_size prompts answered twice and
-    judged by judge(texts_a, texts_b, tokens_a, tokens_b, prompt_len) ->
-    (B,) > 0 a wins, < 0 b, 0 tie (or bools). sample_every k > 1:
-    iterative DPO (Xiong et al. 2024). -> (policy, history: implicit_accuracy
-    (the last tenth's fresh pairs, ranked before they were learned), n_pairs,
-    n_tie, n_unended, skipped_share, steps_skipped, judge_calls...)."""
+    """cfg.steps dpo_steps, each on batch_size prompts answered twice, judged by
+    judge(texts_a, texts_b, tokens_a, tokens_b, P) -> (B,) > 0 a wins, < 0 b, 0 tie
+    (or bools). sample_every k > 1: iterative DPO (Xiong et al. 2024). -> (policy,
+    history: implicit_accuracy (the last tenth's fresh pairs, ranked before they
+    were learned), n_pairs, n_tie, n_unended, skipped_share, judge_calls...)."""
     t0, B, steps = time.time(), cfg.batch_size, cfg.steps
     rollout.seed_ranks(cfg.seed)
     block = policy.cfg.block_size

@@ -1,8 +1,7 @@
 """
-PPO on per-token KL-shaped rewards. The policy pi answers prompts, a
-reward model scores the answers, and a frozen copy of the starting
-policy, pi_ref, anchors it. Token t is rewarded (Ziegler et al. 2019;
-Stiennon et al. 2020, eq. 1)
+PPO on per-token KL-shaped rewards: pi answers, a reward model scores, and
+the frozen starting policy pi_ref anchors it. Token t is rewarded (Ziegler
+et al. 2019; Stiennon et al. 2020, eq. 1)
 
     r_t = -beta * (log pi(x_t) - log pi_ref(x_t))   k1 (see kl.py)
     r_T = r_T + score(prompt, answer)                on the last token

@@ -111,8 +111,7 @@ def check_logprobs(what, a, b, mask, tol):
 
 def check_ratio(logp, old_logp, mask, tol):
     """Before any step pi is pi_old: log ratio != 0 is a bug, not noise."""
-    check_logprobs("of pi and pi_old (the ratio) before any step", logp, old_logp,
-                   mask, tol)
+    check_logprobs("of pi and pi_old (the ratio) before any step", logp, old_logp, mask, tol)
 
 
 def minibatches(batch, size):

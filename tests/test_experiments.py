@@ -197,8 +197,8 @@ def test_klplace_prices_a_nat_alike_in_every_group():
     logp, ref_logp, mask = seq_kl[:, None], torch.zeros(4, 1), torch.ones(4, 1)
     kl_part = lambda beta: -beta * (seq_kl - seq_kl.mean())
     configs = kl_place_configs(grpo.GRPOConfig(group_size=4), [0.01, 0.3, 1.0])
-    assert [c.kl_in for c in configs["loss"]] == ["loss"] * 3
-    for cfg in configs["reward"]:
+    assert [c.kl_loss_estimator for c in configs["k2 in the loss"]] == ["k2"] * 3
+    for cfg in configs["k1 in the reward (RLOO, PPO)"]:
         tied = torch.full((4,), -2.0)
         spread = torch.tensor([-2.0, 0.0, 1.0, 3.0])
         for scores in (tied, spread):
