@@ -90,14 +90,17 @@ def advantages(scores, logp, ref_logp, mask, beta, cfg):
     return group_advantages(scores, cfg.group_size, cfg.advantage)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2,
-              beta=0.0, aggregation="sequence", max_new_tokens=None, kl_estimator="k3"):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0,
+              aggregation="sequence", clip_eps_high=None, ratio_level="token",
+              max_new_tokens=None, kl_estimator="k3"):
     """GRPO's objective as a loss (Shao et al. 2024, eq. 3). logp, old_logp,
-    ref_logp, mask (N, T); advantages (N,) or (N, T). rho = exp(logp -
-    old_logp) per token:
+    ref_logp, mask (N, T); advantages (N,) or (N, T). rho = exp(logp - old_logp)
+    per token ("token"), or for every token of an answer exp of the mean of its
+    log-ratios ("sequence": GSPO, Zheng et al. 2025):
 
-        l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3
+        l_t = -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta * k3
 
+    eps_high = clip_eps_high, or clip_eps when None (DAPO's clip-higher: > eps);
     aggregated "sequence": mean over each answer's tokens, then over
     answers (GRPO; TRL's grpo); "token": mean over all response tokens
     (DAPO, Yu et al. 2025; TRL's bnpo); "constant": sum / (N *
@@ -108,12 +111,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2,
     m = mask.bool()
     adv = advantages.float()
     adv = adv[:, None] if adv.dim() == 1 else adv
-    ratio = torch.exp(torch.where(m, logp.float() - old_logp.float(), 0.0))
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    log_ratio = torch.where(m, logp.float() - old_logp.float(), 0.0)
+    if ratio_level == "sequence":  # one ratio per answer, on all its tokens
+        mean = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        log_ratio = mean.expand_as(log_ratio)
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio_level {ratio_level!r}: use token or sequence")
+    ratio = torch.exp(log_ratio)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = ratio.clamp(1 - clip_eps, 1 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     if beta:
         estimator = "k3" if kl_estimator == "k3_ratio" else kl_estimator
-        penalty = kl.token_kl(logp, ref_logp, estimator)
+        penalty = kl.token_kl(logp, ref_logp.detach(), estimator)
         if kl_estimator == "k3_ratio":  # unbiased from pi_old's samples
             penalty = penalty * ratio
         per_token = per_token + beta * penalty

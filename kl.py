@@ -119,17 +119,6 @@ def kl_penalized_rewards(scores, logp, ref_logp, mask, beta,
     return rewards
 
 
-def kl_loss(logp, ref_logp, mask, estimator="k3"):
-    """KL in the loss (Shao et al. 2024, DeepSeekMath, eq. 3-4): the mean over
-    response tokens, gradients through logp. Sampling is not differentiated, so
-    E_pi[grad k3] = sum_x (pi - pi_ref) grad log pi = grad KL(pi_ref || pi): the
-    OTHER direction, though k3's value estimates KL(pi || pi_ref). k2 has the
-    intended gradient per position (module table)."""
-    logp, ref_logp = _masked(logp, mask), _masked(ref_logp.detach(), mask)
-    est = token_kl(logp, ref_logp, estimator)
-    return _masked(est, mask).sum() / mask.float().sum().clamp(min=1.0)
-
-
 class FixedKLController:
     """A constant KL coefficient beta; update() does nothing."""
     def __init__(self, value):

@@ -4,13 +4,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grpo
 import kl
 import rollout
 import tokenizer as tok
 from helpers import TabularPolicy, tiny_gpt
+from kl import k1, k3
 from reference import freeze
+from test_kl import grads_on_categorical, reward_batch
 
 
 def test_group_advantages_by_hand():
@@ -313,3 +316,115 @@ def test_each_kl_loss_estimator_runs_in_the_loop(enc, estimator):
     _, history = grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.rand(t.shape[0]), enc,
                                  PROMPTS, cfg, log=lambda r: None)
     assert math.isfinite(history[-1]["policy_loss"]) and history[-1]["kl_exact"] > 0
+
+
+# ----------------------------------------------------------------------------- the KL term alone
+
+def kl_term(logp, ref_logp, mask, estimator="k3"):
+    """grpo_loss's KL term alone: advantages 0, ratio 1, beta 1, the mean over response tokens."""
+    zeros = torch.zeros(logp.shape[0])
+    return grpo.grpo_loss(logp, logp.detach(), ref_logp, zeros, mask, beta=1.0, aggregation="token",
+                          kl_estimator=estimator)
+
+
+def test_kl_term_gradient_is_forward_kl_by_sampling():
+    theta, ref_logits, ref_logp, logp, expect, grad, exact = grads_on_categorical()
+    n = 50_000
+    x = torch.multinomial(logp().exp().detach(), n, replacement=True,
+                          generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(1, n)
+    g = grad(lambda: kl_term(logp()[x][None], ref_logp[x][None], mask))
+    # per-sample gradient (1 - pi_ref/pi)(onehot(x) - pi), for standard errors
+    p = logp().exp().detach()
+    per = (1 - (ref_logp - logp().detach()).exp()[x])[:, None] * (F.one_hot(x, 5) - p)
+    se = per.std(0) / math.sqrt(n)
+    assert ((g - exact["forward"]).abs() < 5 * se).all()
+    assert ((g - exact["reverse"]).abs() > 10 * se).any()
+
+
+def test_kl_term_masking():
+    scores, logp, ref_logp, mask, logits, ref_logits = reward_batch()
+    logp = logp.clone().requires_grad_()
+    loss = kl_term(logp, ref_logp, mask)
+    m = mask == 1
+    expected = k3(logp[m], ref_logp[m]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(g).all() and torch.equal(g[~m], torch.zeros(int((~m).sum())))
+    assert (g[m] != 0).all()
+    assert kl_term(logp, ref_logp, torch.zeros_like(mask)).item() == 0.0
+    # the estimator knob
+    assert kl_term(logp, ref_logp, mask, "k1").item() == pytest.approx(k1(logp[m], ref_logp[m]).mean().item(),
+                                                                        rel=1e-6)
+
+
+def test_kl_term_gives_no_gradient_to_the_reference():
+    """The reference is fixed: even a ref_logp that requires grad (computed without no_grad, or
+    a trainable reference) gets no gradient from grpo_loss's KL term; logp gets all of it."""
+    scores, logp, ref_logp, mask, logits, ref_logits = reward_batch()
+    m = mask == 1
+    logp = torch.where(m, logp, 0.0).requires_grad_()
+    ref_logp = torch.where(m, ref_logp, 0.0).requires_grad_()
+    for estimator in ("k1", "k2", "k3"):
+        logp.grad = ref_logp.grad = None
+        kl_term(logp, ref_logp, mask, estimator).backward()
+        assert ref_logp.grad is None or torch.equal(ref_logp.grad, torch.zeros_like(ref_logp)), estimator
+        assert logp.grad is not None and (logp.grad[m] != 0).all(), estimator
+    # the gradient logp gets is the one of the estimator with the reference held constant
+    logp.grad = None
+    kl_term(logp, ref_logp, mask).backward()
+    lr = (ref_logp - logp).detach()[m]
+    torch.testing.assert_close(logp.grad[m], (1 - lr.exp()) / m.sum(), atol=1e-6, rtol=1e-5)
+
+
+def trl_batch():
+    """crafted_batch with the first answer's log-ratios 0.5, -0.5, 0.3: their mean is not their sum."""
+    logp, old_logp, ref_logp, adv, mask = crafted_batch()
+    old_logp[0, 3] = -0.8
+    return logp, old_logp, ref_logp, adv, mask
+
+
+def trl_loss_by_hand(loss_type, level, eps_high, beta=0.04, eps=0.2, budget=4):
+    """TRL GRPOTrainer._compute_loss on crafted_batch, written out in plain Python: coef_1 =
+    exp(log-ratio) per token, or per answer exp(mean log-ratio over its tokens) (GSPO); coef_2 =
+    clamp(coef_1, 1 - eps, 1 + eps_high); l = -min(coef_1 A, coef_2 A) + beta * k3; then grpo
+    (mean per answer, then over answers), bnpo / dapo with one minibatch (mean over tokens),
+    dr_grpo (sum / (N * max_completion_length))."""
+    logp, old_logp, ref_logp, adv, mask = (x.tolist() for x in trl_batch())
+    losses, counts = [], []
+    for i in range(2):
+        tokens = [t for t in range(4) if mask[i][t]]
+        log_ratios = [logp[i][t] - old_logp[i][t] for t in tokens]
+        per_answer = []
+        for t, lr in zip(tokens, log_ratios):
+            coef_1 = math.exp(sum(log_ratios) / len(tokens) if level == "sequence" else lr)
+            coef_2 = min(max(coef_1, 1 - eps), 1 + eps_high)
+            d = ref_logp[i][t] - logp[i][t]
+            per_answer.append(-min(coef_1 * adv[i], coef_2 * adv[i]) + beta * (math.exp(d) - d - 1))
+        losses.append(per_answer)
+        counts.append(len(tokens))
+    if loss_type == "grpo":
+        return sum(sum(l) / n for l, n in zip(losses, counts)) / 2
+    if loss_type in ("bnpo", "dapo"):
+        return sum(map(sum, losses)) / sum(counts)
+    return sum(map(sum, losses)) / (2 * budget)  # dr_grpo
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+@pytest.mark.parametrize("loss_type, aggregation", [("grpo", "sequence"), ("bnpo", "token"),
+                                                    ("dapo", "token"), ("dr_grpo", "constant")])
+def test_grpo_loss_equals_trls_compute_loss(loss_type, aggregation, level, eps_high):
+    """Each of TRL's loss types at both importance-sampling levels, with and without epsilon_high
+    (plain k3, use_bias_correction_kl off), against grpo_loss's aggregation, ratio_level and
+    clip_eps_high on the same inputs. The crafted batch has a ratio of e^0.5 with A > 0, so the
+    upper clip binds and clip-higher moves the value."""
+    logp, old_logp, ref_logp, adv, mask = trl_batch()
+    loss = grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, 0.2, 0.04, aggregation,
+                          clip_eps_high=eps_high, ratio_level=level, max_new_tokens=4)
+    expected = trl_loss_by_hand(loss_type, level, 0.2 if eps_high is None else eps_high)
+    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    if level == "token" and eps_high is not None:  # clip-higher does change the loss here
+        assert expected != pytest.approx(trl_loss_by_hand(loss_type, level, 0.2), rel=1e-3)
+    with pytest.raises(ValueError, match="ratio_level"):
+        grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, ratio_level="answer")

@@ -11,7 +11,7 @@ from torch.distributions import Categorical, Normal, kl_divergence
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kl import (AdaptiveKLController, FixedKLController, LinearKLSchedule, full_kl, k1,  # noqa: E402
-                k2, k3, kl_loss, kl_penalized_rewards, make_controller, sequence_kl, token_kl)
+                k2, k3, kl_penalized_rewards, make_controller, sequence_kl, token_kl)
 
 torch.set_num_threads(1)
 
@@ -304,52 +304,3 @@ def test_gradient_of_each_use():
     torch.testing.assert_close(in_loss(k2), exact["reverse"], **tol)
     torch.testing.assert_close(in_loss(k3), exact["forward"], **tol)  # the GRPO pitfall
 
-
-def test_kl_loss_gradient_is_forward_kl_by_sampling():
-    theta, ref_logits, ref_logp, logp, expect, grad, exact = grads_on_categorical()
-    n = 50_000
-    x = torch.multinomial(logp().exp().detach(), n, replacement=True,
-                          generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(1, n)
-    g = grad(lambda: kl_loss(logp()[x][None], ref_logp[x][None], mask))
-    # per-sample gradient (1 - pi_ref/pi)(onehot(x) - pi), for standard errors
-    p = logp().exp().detach()
-    per = (1 - (ref_logp - logp().detach()).exp()[x])[:, None] * (F.one_hot(x, 5) - p)
-    se = per.std(0) / math.sqrt(n)
-    assert ((g - exact["forward"]).abs() < 5 * se).all()
-    assert ((g - exact["reverse"]).abs() > 10 * se).any()
-
-
-def test_kl_loss_masking():
-    scores, logp, ref_logp, mask, logits, ref_logits = reward_batch()
-    logp = logp.clone().requires_grad_()
-    loss = kl_loss(logp, ref_logp, mask)
-    m = mask == 1
-    expected = k3(logp[m], ref_logp[m]).mean()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    (g,) = torch.autograd.grad(loss, logp)
-    assert torch.isfinite(g).all() and torch.equal(g[~m], torch.zeros(int((~m).sum())))
-    assert (g[m] != 0).all()
-    assert kl_loss(logp, ref_logp, torch.zeros_like(mask)).item() == 0.0
-    # the estimator knob
-    assert kl_loss(logp, ref_logp, mask, "k1").item() == pytest.approx(k1(logp[m], ref_logp[m]).mean().item(),
-                                                                        rel=1e-6)
-
-
-def test_kl_loss_gives_no_gradient_to_the_reference():
-    """The reference is fixed: even a ref_logp that requires grad (computed without no_grad, or
-    a trainable reference) gets no gradient from kl_loss; logp gets all of it."""
-    scores, logp, ref_logp, mask, logits, ref_logits = reward_batch()
-    m = mask == 1
-    logp = torch.where(m, logp, 0.0).requires_grad_()
-    ref_logp = torch.where(m, ref_logp, 0.0).requires_grad_()
-    for estimator in ("k1", "k2", "k3"):
-        logp.grad = ref_logp.grad = None
-        kl_loss(logp, ref_logp, mask, estimator).backward()
-        assert ref_logp.grad is None or torch.equal(ref_logp.grad, torch.zeros_like(ref_logp)), estimator
-        assert logp.grad is not None and (logp.grad[m] != 0).all(), estimator
-    # the gradient logp gets is the one of the estimator with the reference held constant
-    logp.grad = None
-    kl_loss(logp, ref_logp, mask).backward()
-    lr = (ref_logp - logp).detach()[m]
-    torch.testing.assert_close(logp.grad[m], (1 - lr.exp()) / m.sum(), atol=1e-6, rtol=1e-5)
