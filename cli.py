@@ -55,8 +55,7 @@ def flag(default, help, choices=None):
 @dataclass
 class Args:
     """Every flag with its line of --help (None: the preset's value)."""
-    preset: str = flag("auto", "model, data and steps (auto: gpu on CUDA, else cpu)",
-                       (*PRESETS, "auto"))
+    preset: str = flag("auto", "model, data, steps (auto: gpu if CUDA)", (*PRESETS, "auto"))
     out: str = flag("out", "output folder: checkpoints, metrics, summary, plots")
     algo: str = flag("both", "ppo, grpo, dpo, dpo-online, a comma list, both (ppo,dpo) or all")
     beta: float = flag(None, "PPO's and GRPO's KL coefficient, fixed (default: adaptive)")
@@ -79,8 +78,7 @@ class Args:
     data: str = flag(None, "train on this text file instead of the toy world")
     seed: int = flag(1337, "random seed (world, init, sampling)")
     device: str = flag("auto", "where to run", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = flag("auto", "bf16 autocast (log-probs, ratios, KL stay fp32)",
-                      ("auto", "fp32", "bf16"))
+    dtype: str = flag("auto", "bf16 autocast (log-probs, KL stay fp32)", ("auto", "fp32", "bf16"))
     compile: bool = flag(False, "torch.compile pretraining and SFT (pays on CUDA)")
     n_layer: int = flag(None, "transformer layers")
     n_head: int = flag(None, "attention heads")

@@ -206,12 +206,14 @@ def evaluate(run, policy, keep=None):
 
 
 def reward_stage(env, enc, sft, rcfg, log):
-    """Preference pairs (kept for DPO; rank 0's, sent to every rank),
-    then the reward model trained on them."""
+    """Preference pairs (kept for DPO; rank 0's on every rank), then the reward model."""
     gold_fn = env.args.data and env.gold_fn
     pairs, n_unended = reward.make_preferences(sft, enc, env.data["train_prompts"], rcfg,
                                                env.device, env.args.seed, gold_fn, env.dtype)
     pairs, n_unended = dist.broadcast((pairs, n_unended))
+    if not all(reward.split_pairs(pairs, rcfg.val_fraction)):  # bad input: no traceback
+        fail(f"{len(pairs)} preference pairs ({n_unended} SFT answers never ended): too few "
+             "for a reward model's training and validation; raise --sft-steps or --rm-prompts")
     rm, metrics = reward.train_reward_model(sft, enc, pairs, rcfg, env.device, env.dtype, log)
     return rm, {**metrics, "n_unended_answers": n_unended, "pairs": pairs}
 

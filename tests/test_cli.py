@@ -97,3 +97,14 @@ def test_stage_configs_is_the_one_place_where_flags_become_configs():
     assert default["ppo"].kl_controller == "adaptive" and default["dpo_online"].steps == 80
     assert stage_configs(train.parse_args(["--dpo-sft-coef", "0.5"]), "cpu", PRESETS["cpu"],
                          41)["dpo_online"].sft_coef == 0.5
+
+
+def test_too_few_preference_pairs_is_one_line_not_a_traceback(capsys, tmp_path):
+    """An SFT model too weak to end its answers leaves no pairs to fit a reward model on: the run
+    stops with one line that says so (and what to raise), after keeping the finished stages."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    err = refused(["--data", readme, "--preset", "tiny", "--device", "cpu", "--dtype", "fp32",
+                   "--pretrain-steps", "20", "--sft-steps", "10", "--rm-prompts", "20",
+                   "--eval-prompts", "16", "--out", str(tmp_path / "o")], capsys)
+    assert "preference pairs" in err and "--sft-steps" in err
+    assert os.path.exists(tmp_path / "o" / "sft.pt")
