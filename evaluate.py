@@ -109,19 +109,19 @@ def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     logp_all = torch.log_softmax(ro["logits"], -1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
 
-    def share(fn):  # the share of texts fn says yes to (nan: not judged)
+    def rate(fn):  # the share of texts fn says yes to (nan: not judged)
         if fn is None:
             return float("nan")
         yes = [float(fn(t)) for t in texts]
         return dist.mean(torch.tensor(yes, device=mask.device))
 
     means = {"proxy_reward": dist.mean(ro["scores"]),
-             "gold_reward": share(gold_fn),
+             "gold_reward": rate(gold_fn),
              "kl": dist.mean(kl_k1),
              "kl_exact": dist.mean(kl_exact),
              "entropy": dist.masked_mean(entropy, mask),
              "length": dist.mean(mask.sum(1)),
-             "valid_rate": share(valid_fn),
+             "valid_rate": rate(valid_fn),
              "eos_rate": dist.mean(ro["ended"])}
     figures = dist.mean_stats(means)
 
