@@ -1,25 +1,26 @@
-"""
-Data parallelism, all of it in this file. `torchrun --nproc_per_node N
-train.py` starts N copies (ranks) with identical weights, each working on
-its share of every batch. How every loss and figure becomes global:
+"""Data parallelism, all of it in this file. `torchrun --nproc_per_node N train.py`
+starts N copies (ranks) with identical weights, each working on its share of every
+batch. How every loss and figure becomes global:
 
-  * A loss is a mean over the batch's items (tokens, answers, pairs). A
-    rank's share is the mean over its own items times N * (its items /
-    all items) (`share`, `step`'s count, `masked_mean`, `mean`); `step`
-    averages the ranks' gradients, which is then exactly the gradient of
-    the mean over every rank's items, as one process would compute it.
-    Ranks hold different numbers of tokens: a per-rank mean would be wrong.
-  * A logged figure is a sum over items divided by their number, both
-    summed over the ranks (`mean_stats`): every rank logs the same value.
-  * A std or a variance gathers every item (`gather_cat`); data that must
-    be identical on every rank (the preference pairs) is rank 0's
-    (`broadcast`).
+  * A loss is a mean over the batch's items (tokens, answers, pairs). A rank's share
+    is the mean over its own items times N * (its items / all items) (`share`,
+    `step`'s count, `masked_mean`, `mean`); `step` averages the ranks' gradients,
+    which is then exactly the gradient of the mean over every rank's items, as one
+    process would compute it. Ranks hold different numbers of tokens: a per-rank
+    mean would be wrong.
+  * A logged figure is a sum over items divided by their number, both summed over
+    the ranks (`mean_stats`): every rank logs the same value.
+  * A std or a variance gathers every item (`gather_cat`); data that must be
+    identical on every rank (the preference pairs) is rank 0's (`broadcast`).
 
-Rank 0 alone writes files and prints. Without torchrun every function
-here is its one-process version: torch.distributed is never touched.
+Rank 0 alone writes files and prints. Without torchrun every function here is its
+one-process version: torch.distributed is never touched.
 """
 import hashlib
 import os
+import sys
+import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -66,8 +67,7 @@ def barrier():  # wait until every rank is here
 
 
 def close():
-    """Leave the group, all ranks together (its gloo threads stop: see the
-    import of torch.distributed.nn at the top, before any group exists)."""
+    """Leave the group, all ranks together (gloo's threads stop: see the imports)."""
     if on():
         td.barrier()
         td.destroy_process_group()
@@ -75,9 +75,7 @@ def close():
 
 def shard(n):
     """This rank's slice of n rows: N nearly equal, consecutive parts."""
-    start = n * rank() // world_size()
-    end = n * (rank() + 1) // world_size()
-    return slice(start, end)
+    return slice(n * rank() // world_size(), n * (rank() + 1) // world_size())
 
 
 def per_rank(n):
@@ -120,8 +118,7 @@ def gather(obj):
 
 def gather_cat(x):
     """Every rank's tensor x (any length along dim 0), concatenated."""
-    parts = gather(x.detach().cpu())
-    return torch.cat(parts).to(x.device)
+    return torch.cat(gather(x.detach().cpu())).to(x.device)
 
 
 def broadcast(obj):
@@ -133,8 +130,7 @@ def broadcast(obj):
 
 
 def share(count):
-    """N * count / (count summed over the ranks); 1 in one process: a
-    mean over this rank's `count` items times this is its share."""
+    """N * count / (count summed over the ranks), 1 in one process (module docstring)."""
     if not on():
         return 1.0
     count = torch.as_tensor(count, dtype=torch.float32, device=comm_device())
@@ -151,9 +147,7 @@ def masked_mean(x, mask):
 
 def mean(x):
     """This rank's share of the mean of x (n,) over every rank's items."""
-    n = torch.tensor(len(x), device=x.device)
-    total = x.float().sum()
-    return total / n.clamp(min=1) * share(n)
+    return masked_mean(x.float(), torch.ones_like(x, dtype=torch.float32))
 
 
 def mean_stats(sums, counts=None):
@@ -161,10 +155,8 @@ def mean_stats(sums, counts=None):
     number} (or one count for all) -> {name: global mean}, one all-reduce
     (float64). counts None: the values are shares, averaged."""
     names = list(sums)
-    if counts is None:
-        counts = dict.fromkeys(names, 1)
-    elif not isinstance(counts, dict):
-        counts = dict.fromkeys(names, counts)
+    if not isinstance(counts, dict):
+        counts = dict.fromkeys(names, 1 if counts is None else counts)
     row = [float(sums[k]) for k in names] + [float(counts[k]) for k in names]
     row = all_sum(torch.tensor(row, dtype=torch.float64, device=comm_device()))
     totals, numbers = row[:len(names)], row[len(names):].clamp(min=1)
@@ -179,8 +171,7 @@ def average_gradients(params):
     flat = torch.cat([g.reshape(-1) for g in grads])
     td.all_reduce(flat)
     flat /= world_size()
-    sizes = [g.numel() for g in grads]
-    for g, avg in zip(grads, flat.split(sizes)):
+    for g, avg in zip(grads, flat.split([x.numel() for x in grads])):
         g.copy_(avg.view_as(g))
 
 
@@ -216,3 +207,17 @@ def same_weights(model, what):
         short = ", ".join(d[:12] for d in digests)
         raise RuntimeError(f"{what}: the ranks' weights differ: {short}")
     return digests[0]
+
+
+def exit_naming_rank(error, root):
+    """End this rank with one line: its rank, the error, and the last frame
+    of ours (under root) it came from, not N interleaved tracebacks."""
+    ours = [f for f in traceback.extract_tb(error.__traceback__)
+            if f.filename.startswith(root + os.sep)]
+    where = os.path.basename(ours[-1].filename) if ours else ""
+    if where == "dist.py":  # a collective broke: another rank died, and torchrun
+        time.sleep(5)       # ends this one (its line or torchrun's says why)
+    at = f" ({where}:{ours[-1].lineno})" if ours else ""
+    first_line = (str(error).splitlines() or [""])[0][:300]
+    sys.exit(f"error: rank {rank()}/{world_size()}: {type(error).__name__}: "
+             f"{first_line}{at}")

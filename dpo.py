@@ -1,5 +1,4 @@
-"""
-DPO: the KL-penalised objective with no critic, no reward model and no
+"""DPO: the KL-penalised objective with no critic, no reward model and no
 sampler.
 
 E_{y~pi}[r(x, y)] - beta * KL(pi || pi_ref) is maximised by
@@ -23,29 +22,26 @@ import rollout
 import tokenizer as tok
 from model import adamw, autocast
 from reference import token_logprobs
-from sft import lr_at
+from sft import set_lr
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
              ref_rejected_logps, beta, loss_type="sigmoid", label_smoothing=0.0,
              chosen_lengths=None, rejected_lengths=None):
-    """(B,) log-probs of whole answers (summed, EOS included) under the
-    policy and the reference -> (losses, chosen_rewards,
-    rejected_rewards), each (B,) fp32, rewards detached. With the margin
+    """(B,) log-probs of whole answers (summed, EOS included) under the policy
+    and the reference -> (losses, chosen_rewards, rejected_rewards), each (B,)
+    fp32, rewards detached. With the margin
     h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]:
 
-      "sigmoid"  -log sigmoid(beta h)    Rafailov et al. 2023, eq. 7;
-                 label_smoothing eps: -(1 - eps) log sigmoid(beta h)
-                 - eps log sigmoid(-beta h) (conservative DPO)
-      "ipo"      (h - 1 / (2 beta))^2    Azar et al. 2023, eq. 17: a
-                 fixed target for the margin; per token (TRL) given
-                 chosen_lengths, rejected_lengths (B,)
+      "sigmoid"  -log sigmoid(beta h)    Rafailov et al. 2023, eq. 7; label_smoothing
+                 eps: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h) (cDPO)
+      "ipo"      (h - 1 / (2 beta))^2    Azar et al. 2023, eq. 17: a fixed margin target;
+                 per token (TRL) given chosen_lengths, rejected_lengths (B,)
 
-    beta is the objective's KL coefficient: large, a small log-ratio is
-    already a big reward and pi stays near pi_ref. Only the margin
-    counts, so a chosen answer's reward can fall while training
-    succeeds: beta 0.1, log pi(y_w) -20 -> -22, log pi(y_l) -20 -> -26:
-    margin +0.4, loss 0.51 < log 2, and both answers lost probability."""
+    Large beta: a small log-ratio is already a big reward, pi stays near pi_ref.
+    Only the margin counts: a chosen answer's reward can fall while training
+    succeeds (beta 0.1, log pi(y_w) -20 -> -22, log pi(y_l) -20 -> -26: margin
+    +0.4, loss 0.51 < log 2)."""
     chosen_logratio = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratio = policy_rejected_logps.float() - ref_rejected_logps.float()
     h = chosen_logratio - rejected_logratio
@@ -58,18 +54,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
         losses = trusted + flipped
     elif loss_type == "ipo":
         if label_smoothing:
-            raise ValueError("label_smoothing applies to the sigmoid loss only; "
-                             "IPO has a finite target")
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
         if chosen_lengths is not None:
             h = chosen_logratio / chosen_lengths - rejected_logratio / rejected_lengths
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r} "
-                         "(choose 'sigmoid' or 'ipo')")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}: use sigmoid or ipo")
 
-    chosen_rewards = beta * chosen_logratio.detach()
-    rejected_rewards = beta * rejected_logratio.detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
 def encode_pairs(enc, pairs, block_size):
@@ -153,11 +145,9 @@ def dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device="cpu", dtype="fp3
     chosen_tokens = n_tok[:n].sum()
     nll_sum = -logps[:n].sum()
 
-    # a mean over the pairs plus a mean over the chosen tokens
-    pair_share, token_share = dist.share(len(losses)), dist.share(chosen_tokens)
-    pair_loss = losses.sum() / max(n, 1)
+    # this rank's shares of a mean over pairs and one over chosen tokens
     nll = nll_sum / chosen_tokens.clamp(min=1)
-    loss = pair_loss * pair_share + cfg.sft_coef * nll * token_share
+    loss = dist.mean(losses) + cfg.sft_coef * nll * dist.share(chosen_tokens)
     dist.step(loss, opt, cfg.max_grad_norm)
 
     h = (r_w - r_l).detach()
@@ -168,12 +158,6 @@ def dpo_step(policy, opt, tokens, mask, ref_logps, cfg, device="cpu", dtype="fp3
     figures = dist.mean_stats(sums, counts)
     figures["loss"] = figures["dpo_loss"] + cfg.sft_coef * figures["chosen_nll"]
     return figures
-
-
-def set_lr(opt, step, steps, cfg):
-    """Linear warmup, then cosine decay (sft.lr_at)."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup)
 
 
 def due(step, steps, cfg):

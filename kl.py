@@ -31,8 +31,6 @@ not (`experiments.py klgrad` computes the gap exactly).
 """
 import torch
 
-LOG_RATIO_CLAMP = 20.0  # see k3
-
 
 def k1(logp, ref_logp):
     """k1 = -log r = logp - ref_logp. E_pi[k1] = KL(pi || pi_ref)."""
@@ -48,22 +46,19 @@ def k2(logp, ref_logp):
 def k3(logp, ref_logp):
     """k3 = (r - 1) - log r, r = pi_ref(x)/pi(x): k1 plus the zero-mean control
     variate r - 1 (E_pi[r] = sum_x pi_ref(x) = 1), and >= 0 (e^y >= 1 + y).
-
-    r is heavy-tailed, so log r is clamped to [-20, 20]: exp(88.7) overflows
-    fp32 and bf16, and |log r| = 20 is already ~5e8 nats (healthy: < 1): only
-    broken tokens change (bounded, no gradient). expm1: accurate near r = 1."""
-    log_r = (ref_logp.float() - logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    r is heavy-tailed and exp(88.7) overflows fp32, so log r is clamped to
+    [-20, 20], already ~5e8 nats (healthy: < 1): only broken tokens change
+    (bounded, no gradient). expm1: accurate near r = 1."""
+    log_r = (ref_logp.float() - logp.float()).clamp(-20.0, 20.0)
     return torch.expm1(log_r) - log_r
 
 
 def full_kl(logits, ref_logits, reverse=True):
-    """Exact KL (B, T), fp32 nats, from logits, ref_logits (B, T, V).
-
-    reverse=True: KL(pi || pi_ref) = sum_x pi(x) (log pi(x) - log pi_ref(x)),
-    the one RLHF penalises and k1-k3 estimate (here k1 averaged, not sampled);
-    "reverse" (mode-seeking) as in variational inference, though some RLHF
-    texts say "forward" (pi first). reverse=False: KL(pi_ref || pi), "forward"
-    (mass-covering; fitting pi to pi_ref's samples minimises it)."""
+    """Exact KL (B, T), fp32 nats, from logits, ref_logits (B, T, V). reverse=True:
+    KL(pi || pi_ref) = sum_x pi(x) (log pi(x) - log pi_ref(x)), k1 averaged, not
+    sampled: the one RLHF penalises ("reverse", mode-seeking, as in variational
+    inference; some RLHF texts say "forward", pi first). reverse=False:
+    KL(pi_ref || pi), mass-covering (fitting pi to pi_ref's samples minimises it)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
     if not reverse:
@@ -135,9 +130,8 @@ class AdaptiveKLController:
         e = clip(current_kl / target - 1, -0.2, 0.2)
         beta <- beta * (1 + e * n_steps / horizon)
 
-    !!! current_kl and target are the batch-mean per-SEQUENCE KL in nats
-    (`sequence_kl`). Fed a per-token mean, it holds the per-token KL at target:
-    sequences end up ~length times too far from pi_ref. !!!"""
+    !!! current_kl, target: batch-mean per-SEQUENCE KL in nats (`sequence_kl`). Fed
+    a per-token mean, it lets sequences drift ~length times too far from pi_ref. !!!"""
     def __init__(self, init_kl_coef, target, horizon):
         self.value = init_kl_coef
         self.target, self.horizon = target, horizon

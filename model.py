@@ -1,9 +1,6 @@
 """The GPT: a decoder-only transformer like nanoGPT and GPT-2 (pre-LayerNorm
 blocks, causal self-attention, a GELU MLP, learned positions, an output head
 tied to the token embedding, Press & Wolf 2017), and what stages do with one.
-
-RLHF left-pads prompts with PAD: `pad_mask` (B, T), True on real tokens, counts
-each row's positions from its first real token, hides padding from attention.
 """
 import copy
 import math
@@ -30,7 +27,8 @@ class GPTConfig:
 
 
 def positions_and_mask(pad_mask):
-    """pad_mask (B, T) -> positions (B, T), bool attention mask (B, 1, T, T):
+    """pad_mask (B, T), True on real tokens (RLHF left-pads prompts) -> positions
+    (B, T) from each row's first real token, bool attention mask (B, 1, T, T):
     causal, padding hidden, each query sees itself (no 0/0 on all-PAD rows)."""
     T = pad_mask.shape[1]
     pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -161,8 +159,7 @@ class GPT(nn.Module):
         pad_id after EOS, N <= max_new_tokens; logp (B, N) fp32: log pi(token) at
         `temperature`, 0 after EOS. No top-k/p: RL needs its sampler's log-probs."""
         B, P = prompt.shape
-        fits = P + max_new_tokens <= self.cfg.block_size
-        assert fits, "prompt + response longer than block_size"
+        assert P + max_new_tokens <= self.cfg.block_size, "prompt + response > block_size"
         pad_mask = prompt != pad_id
         pos, attn = positions_and_mask(pad_mask)
         cache = [dict() for _ in self.blocks]

@@ -1,5 +1,4 @@
-"""
-Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): DPO on the policy's
+"""Online DPO (Guo et al. 2024; TRL's OnlineDPOTrainer): DPO on the policy's
 own answers, sampled and judged as it trains. Offline pairs (dpo.py) say
 less and less about the answers a moving policy gives; here every step
 answers fresh prompts twice (rollout.sample, as PPO does), a judge (the
@@ -13,17 +12,17 @@ import torch
 import dist
 import rollout
 import tokenizer as tok
-from dpo import DPOConfig, due, dpo_step, set_lr
+from dpo import DPOConfig, due, dpo_step
 from model import adamw, autocast
 from reward import score
+from sft import set_lr
 
 
 def reward_model_judge(rm, pad_id):
     """The reward model PPO maximises as online DPO's judge: > 0 where
     answer a scores higher than b (one forward: a's rows, then b's)."""
     def judge(texts_a, texts_b, tokens_a, tokens_b, prompt_len):
-        scores = score(rm, torch.cat([tokens_a, tokens_b]), pad_id)
-        score_a, score_b = scores.view(2, -1)
+        score_a, score_b = score(rm, torch.cat([tokens_a, tokens_b]), pad_id).view(2, -1)
         return score_a - score_b
     return judge
 
@@ -39,17 +38,14 @@ def label_pairs(pref, same, ended):
     pref = torch.as_tensor(pref).cpu()
     pref = pref.float() * 2 - 1 if pref.dtype == torch.bool else pref.float()
     B = len(pref)
-    ended = ended.cpu()
-    ended_a, ended_b = ended[:B], ended[B:]
-    pref = torch.where(ended_a & ~ended_b, 1.0, pref)
-    pref = torch.where(ended_b & ~ended_a, -1.0, pref)
+    ended_a, ended_b = ended.cpu().view(2, B)
+    pref = torch.where(ended_a != ended_b, ended_a.float() * 2 - 1, pref)
 
     unended = ~ended_a & ~ended_b
     tie = ~unended & ((pref == 0) | same.cpu())
     a = torch.arange(B)
-    chosen = torch.where(pref > 0, a, a + B)
-    rejected = torch.where(pref > 0, a + B, a)
-    pairs = torch.stack([chosen, rejected], 1)
+    pairs = torch.stack([a, a + B], 1)  # (a, b), flipped where b wins
+    pairs = torch.where(pref[:, None] > 0, pairs, pairs.flip(1))
     return pairs[~(unended | tie)], int(tie.sum()), int(unended.sum())
 
 

@@ -1,10 +1,8 @@
 """The reference model (a frozen copy of the policy as RL began) and the one
-function that turns any model and batch into per-token log-probs.
-
-The KL penalty measures how far the policy has moved from this model token by
-token, so the reference never changes (`freeze`) and its log-probs are computed
-exactly like the policy's (the same `token_logprobs`, the sampling temperature,
-fp32): KL is 0 at the first step of RL. Every stage (SFT, PPO, DPO) uses it.
+function that turns any model and batch into per-token log-probs. The KL penalty
+is measured against it token by token, so it never changes (`freeze`) and its
+log-probs are computed exactly like the policy's (`token_logprobs`, the sampling
+temperature, fp32): KL is 0 at the first step of RL.
 """
 import copy
 
@@ -16,16 +14,14 @@ def freeze(model):
     """A frozen deep copy of `model`: eval mode, requires_grad False."""
     ref = copy.deepcopy(model)
     ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    ref.requires_grad_(False)
     return ref
 
 
 def trainable(model):
     """A deep copy of `model` to train: requires_grad True (eval mode: no dropout)."""
     policy = copy.deepcopy(model)
-    for p in policy.parameters():
-        p.requires_grad_(True)
+    policy.requires_grad_(True)
     return policy
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 import dist
 import tokenizer as tok
 import world
+from evaluate import answer
 from model import ScalarModel, adamw, autocast
-from sft import lr_at
+from sft import set_lr
 
 
 @dataclass
@@ -82,22 +83,19 @@ def make_preferences(policy, enc, prompts, cfg, device, seed, gold_fn=None,
     with gold_fn): cfg.world_groups groups of k reviews sharing their first two
     words (the prompt), cfg.world_slips slipped."""
     k = cfg.samples_per_prompt
-    pad, eos = tok.pad_id(enc), tok.eos_id(enc)
     repeated = [p for p in prompts[:cfg.n_prompts] for _ in range(k)]
     gen = torch.Generator(device).manual_seed(seed)
-    answers = []  # (text, ended)
+    answers = []  # (full text, ended)
     for i in range(0, len(repeated), cfg.sample_batch):
-        ids = [tok.encode(enc, p) for p in repeated[i:i + cfg.sample_batch]]
-        ids = tok.left_pad(ids, pad).to(device)
-        budget = policy.cfg.block_size - ids.shape[1]
-        with autocast(device, dtype, sampling=True):
-            tokens, _ = policy.generate(ids, budget, eos, pad, generator=gen)
-        answers += zip(*tok.decode_responses(enc, tokens, ids.shape[1]))
+        batch = repeated[i:i + cfg.sample_batch]
+        budget = policy.cfg.block_size - max(len(tok.encode(enc, p)) for p in batch)
+        *_, texts, ended = answer(policy, enc, batch, budget, device, dtype, generator=gen)
+        answers += zip(texts, ended)
 
     rng = random.Random(cfg.annotator_seed)
     pairs = []
     for j, prompt in enumerate(repeated[::k]):
-        texts = [prompt + a for a, ended in answers[j * k:(j + 1) * k] if ended]
+        texts = [text for text, ended in answers[j * k:(j + 1) * k] if ended]
         pairs += label_group(prompt, texts, rng, "policy", cfg, gold_fn)
 
     world_rng = random.Random(seed)
@@ -223,8 +221,7 @@ def train_reward_model(sft_model, enc, pairs, cfg, device, dtype="fp32", log=pri
         batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
         mine = torch.isin(group, batch[dist.shard(cfg.batch_size)])
         rm.train()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        set_lr(opt, step, cfg.steps, cfg)
         with autocast(device, dtype):
             scores = pair_scores(rm, tr_tokens, tr_c[mine], tr_r[mine], pad)
             loss, accuracy = bt_loss(*scores)

@@ -57,12 +57,31 @@ def masked_nll(model, tokens, mask):
     return dist.masked_mean(-token_logprobs(model, tokens), mask)
 
 
+def pretraining_loss(enc, texts, batch_size, block_size, seed, device, dtype):
+    """PPO-ptx's term (Ouyang et al. 2022, eq. 2): model -> the mean NLL of
+    a fresh batch of random windows of the pretraining corpus `texts`."""
+    stream = encode_stream(enc, texts)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss(model):
+        tokens, mask = stream_batch(stream, batch_size, block_size, gen)
+        with autocast(device, dtype):
+            return masked_nll(model, tokens.to(device), mask.to(device))
+    return loss
+
+
 def lr_at(step, max_steps, lr, warmup):
     """nanoGPT's schedule: linear warmup, then cosine decay to lr / 10."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return lr / 10 + 0.5 * (lr - lr / 10) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt, step, max_steps, cfg):
+    """Every param group's lr for this step: lr_at with cfg.lr, cfg.warmup."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, max_steps, cfg.lr, cfg.warmup)
 
 
 def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu",
@@ -82,8 +101,7 @@ def train_lm(model, get_batch, get_val_batch, cfg: TrainConfig, device="cpu",
     tokens_seen = 0
     val_loss = float("nan")
     for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        set_lr(opt, step, cfg.steps, cfg)
         batch = get_batch()
         with autocast(device, dtype):
             loss = masked_nll(fast, *my_rows(batch))

@@ -1,8 +1,7 @@
 r"""Byte-level BPE trained on our corpus, run by tiktoken; text <-> padded id batches.
 
 Byte-pair encoding (Sennrich et al. 2016), byte-level as in GPT-2 (Radford et al. 2019):
-1. Text is UTF-8 bytes, so the 256 single bytes are tokens 0..255: any string
-   encodes, no "unknown" token.
+1. Text is UTF-8 bytes, so the 256 single bytes are tokens 0..255: any string encodes.
 2. A regex cuts text into pre-tokens (" good", ".", " 42", "\n"): no merge
    crosses a word boundary, so " good" is learned once, not once per neighbour.
 3. Repeatedly, the most frequent adjacent pair (over unique pre-tokens,
@@ -173,8 +172,7 @@ def load_tokenizer(path: str) -> tiktoken.Encoding:
         vocab = [base64.b64decode(s, validate=True) for s in data["mergeable_ranks"]]
         singles = [bytes([i]) for i in range(256)]
         if vocab[:256] != singles or len(set(vocab)) != len(vocab):
-            msg = "the 256 single bytes must come first, in order, and no token twice"
-            raise ValueError(msg)
+            raise ValueError("the 256 single bytes must come first, in order; no token twice")
         return _make_encoding(vocab, data["pat_str"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot load tokenizer from {path}: {e!r}") from None
