@@ -306,7 +306,7 @@ def ppo_rollout(m, device, dtype):
     cfg, pad = m["cfg"], tok.pad_id(m["enc"])
     ro = rollout.sample(m["policy"], m["ref"], m["enc"], m["prompts"], cfg.max_new_tokens,
                         cfg.temperature, device, dtype)
-    ro["scored"] = rollout.score(ro, m["score_fn"], cfg.no_eos_score, device, dtype)
+    ro["scored"] = rollout.score(ro, m["score_fn"], cfg, cfg.max_new_tokens, device, dtype)
     with torch.no_grad(), autocast(device, dtype):
         ro["values"] = m["critic"](ro["tokens"], ro["tokens"] != pad)[:, :-1].float()
     return ro
@@ -501,7 +501,7 @@ def grpo_rows(s):
             budget = gcfg.max_new_tokens
             ro = rollout.sample(policy, m["ref"], enc, group_prompts, budget, gcfg.temperature, device,
                                 dtype)
-            scores = rollout.score(ro, m["score_fn"], gcfg.no_eos_score, device, dtype)
+            scores = rollout.score(ro, m["score_fn"], gcfg, gcfg.max_new_tokens, device, dtype)
             adv = grpo.advantages(scores, ro["logp"], ro["ref_logp"], ro["mask"], gcfg.beta, gcfg)
             batch = dict(tokens=ro["tokens"], logp=ro["logp"], ref_logp=ro["ref_logp"], mask=ro["mask"],
                          advantages=adv)

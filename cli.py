@@ -57,20 +57,23 @@ class Args:
     """Every flag with its line of --help (None: the preset's value)."""
     preset: str = flag("auto", "model, data, steps (auto: gpu if CUDA)", (*PRESETS, "auto"))
     out: str = flag("out", "output folder: checkpoints, metrics, summary, plots")
-    algo: str = flag("both", "ppo, grpo, dpo, dpo-online, a comma list, both (ppo,dpo) or all")
+    algo: str = flag("all", "ppo, grpo, dpo, dpo-online, a comma list, both (ppo,dpo) or all")
+    from_: str = flag(None, "a finished run's folder: its stages with this run's config are reused")
     beta: float = flag(None, "PPO's and GRPO's KL coefficient, fixed (default: adaptive)")
     kl_target: float = flag(None, "the adaptive controller's KL target, nats per answer")
-    reward: str = flag("model", "PPO's and GRPO's reward: the reward model, or the "
-                       "world's gold reward (nothing to hack)", ("model", "gold"))
-    grpo_variant: str = flag("grpo", "GRPO's advantage, aggregation and KL place",
+    reward: str = flag("model", "PPO's and GRPO's reward: the learned reward model; the "
+                       "world's exact gold reward; or 1 if the answer is a valid review with "
+                       "gold > 0, else 0", ("model", "gold", "verifiable"))
+    grpo_variant: str = flag("grpo", "the GRPO family's member (grpo.py's table)",
                              (*VARIANTS,))
+    ptx_coef: float = flag(None, "PPO-ptx: pretraining NLL mixed into PPO's and GRPO's loss")
     kl_in: str = flag(None, "GRPO's KL: k3 in the loss or k1 in the reward "
                       "(default: the variant's)", ("loss", "reward"))
     kl_estimator: str = flag("k1", "PPO's per-token KL in the reward (kl.py's table)",
                              ("k1", "k2", "k3", "full"))
     kl_loss_estimator: str = flag("k3", "GRPO's KL term in the loss (grpo_loss)",
                                   ("k3", "k1", "k2", "k3+", "k3_ratio"))
-    no_kl_baseline: bool = flag(False, "also run PPO with beta = 0 (reward hacking)")
+    skip_beta0: bool = flag(False, "skip PPO with beta = 0 (the reward-hacking run)")
     dpo_beta: float = flag(None, "DPO's beta, the strength of its implicit KL penalty")
     dpo_sft_coef: float = flag(None, "DPO's NLL term on chosen answers (0: plain DPO)")
     judge: str = flag("model", "online DPO's judge", ("model", "annotators"))
@@ -106,7 +109,7 @@ def check(args):
     """Stop with one line naming a bad value."""
     for f in fields(Args):
         value, choices = getattr(args, f.name), f.metadata["choices"]
-        name = "--" + f.name.replace("_", "-")
+        name = "--" + f.name.strip("_").replace("_", "-")
         if value is None:
             continue
         if choices and value not in choices:
@@ -117,6 +120,8 @@ def check(args):
             fail(f"{name} {value}: must be a positive integer")
     if args.dpo_beta == 0:
         fail("--dpo-beta 0: DPO needs beta > 0 (it divides the reward by beta)")
+    if args.data and args.reward == "verifiable":
+        fail("--reward verifiable checks reviews of the toy world: not with --data")
     if args.kl_target == 0:
         fail("--kl-target 0: the adaptive controller needs a target > 0 (it divides by it)")
 
@@ -133,7 +138,8 @@ def parse_args(argv=None):
             kind = dict(action="store_true")
         else:
             kind = dict(type=f.type, default=f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), help=help, **kind)
+        name = "--" + f.name.strip("_").replace("_", "-")  # from_: --from
+        parser.add_argument(name, dest=f.name, help=help, **kind)
     args = Args(**vars(parser.parse_args(argv)))
     check(args)
 
@@ -149,7 +155,8 @@ def parse_args(argv=None):
 def stages_and_labels(args):
     """The RLHF stages to run, in order (ppo_beta0: PPO with beta = 0),
     and each one's label in the table and plots."""
-    stages = ["ppo"] * ("ppo" in args.algos) + ["ppo_beta0"] * args.no_kl_baseline
+    with_ppo = "ppo" in args.algos
+    stages = ["ppo"] * with_ppo + ["ppo_beta0"] * (with_ppo and not args.skip_beta0)
     stages += [a.replace("-", "_") for a in args.algos if a != "ppo"]
     labels = {a.replace("-", "_"): label for a, label in ALGOS.items()}
     labels["ppo_beta0"] = "PPO, beta=0"
@@ -188,14 +195,14 @@ def stage_configs(args, preset, P, budget):
 
     # PPO and GRPO: the adaptive controller, or --beta held fixed
     rl = dict(seed=args.seed, updates=args.rl_updates, kl_target=args.kl_target,
-              max_new_tokens=budget)
+              max_new_tokens=budget, ptx_coef=args.ptx_coef)
     if args.beta is not None:
         rl.update(kl_controller="fixed", beta=args.beta)
     ppo = configure(PPOConfig, stage["ppo"], kl_estimator=args.kl_estimator, **rl)
     ppo_beta0 = replace(ppo, kl_controller="fixed", beta=0.0)
-    advantage, aggregation, kl_in = VARIANTS[args.grpo_variant]
-    grpo = configure(GRPOConfig, stage["grpo"], advantage=advantage, aggregation=aggregation,
-                     kl_in=args.kl_in or kl_in, kl_loss_estimator=args.kl_loss_estimator, **rl)
+    variant = {**stage["grpo"], **VARIANTS[args.grpo_variant]}
+    grpo = configure(GRPOConfig, variant, kl_in=args.kl_in,
+                     kl_loss_estimator=args.kl_loss_estimator, **rl)
 
     # DPO on the reward model's pairs (DPO + NLL by default); online DPO
     # runs plain DPO (docs/experiments.md, "Online against offline DPO")

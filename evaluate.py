@@ -11,6 +11,10 @@ top-k / top-p, scored against the truth.
                 of the whole answer (given a ref)
   eos_rate      share of answers that ended with EOS within the budget
   length_words  mean words per full text (prompt + answer)
+  exclaim_share share of answers with a "!" (the reward model's blind
+                spot, world.EXCLAIM_BIAS); exclaims: "!" per answer
+  heldout_nll   mean NLL per token (nats) of held-out reviews, never
+                trained on: what RL cost pretraining (the alignment tax)
 
 `rollout_metrics`: the same, and the entropy, for an RL update's batch.
 """
@@ -52,9 +56,10 @@ def answer(model, enc, prompts, budget, device, dtype, temperature=1.0, generato
 def evaluate_policy(model, enc, prompts, max_new_tokens, device,
                     dtype="fp32", ref=None, score_fn=None, seed=1234,
                     gold_fn=world.gold_reward, valid_fn=world.is_valid,
-                    batch_size=256):
+                    batch_size=256, heldout=None):
     """(metrics, full texts) of `model` answering `prompts`; score_fn(tokens
-    (B, T), prompt_len) -> (B,) proxy rewards; valid_fn None: no validity.
+    (B, T), prompt_len) -> (B,) proxy rewards; valid_fn None: no validity;
+    heldout: reviews for heldout_nll.
     Its own seeded generator: training's random stream never shifts."""
     pad = tok.pad_id(enc)
     gen = torch.Generator(device).manual_seed(seed)
@@ -82,7 +87,43 @@ def evaluate_policy(model, enc, prompts, max_new_tokens, device,
         out["kl"], out["kl_max"] = kls.mean().item(), kls.max().item()
     if proxy:
         out["proxy_reward"] = torch.cat(proxy).mean().item()
+    if valid_fn:  # the world's: the reward model's blind spot
+        bangs = exclaims(prompts, texts)
+        out["exclaim_share"] = (bangs > 0).float().mean().item()
+        out["exclaims"] = bangs.mean().item()
+    if heldout:
+        out["heldout_nll"] = heldout_nll(model, enc, heldout, device, dtype)
     return out, texts
+
+
+@torch.no_grad()
+def heldout_nll(model, enc, texts, device, dtype="fp32", batch_size=256):
+    """Mean per-token NLL (nats) of texts + EOS under the model: for held-out
+    reviews, how well it still models the pretraining distribution (InstructGPT's
+    "alignment tax", Ouyang et al. 2022, sec. 4.2)."""
+    block = model.cfg.block_size
+    tokens, mask, _ = tok.encode_batch(enc, [""] * len(texts), texts, block)
+    nll, count = 0.0, 0.0
+    for i in range(0, len(tokens), batch_size):
+        rows = tokens[i:i + batch_size].to(device)
+        rows_mask = mask[i:i + batch_size].to(device)
+        with autocast(device, dtype):
+            logp = token_logprobs(model, rows)
+        nll -= (logp * rows_mask).sum().item()
+        count += rows_mask.sum().item()
+    return nll / count
+
+
+def verifiable(text, gold_fn=world.gold_reward, valid_fn=world.is_valid):
+    """A 0/1 check from the world's exact judges (RL with verifiable
+    rewards): 1.0 when the text is a valid review and its gold reward > 0."""
+    return float(valid_fn(text) and gold_fn(text) > 0)
+
+
+def exclaims(prompts, texts):
+    """(B,) "!" in each answer (text minus prompt): the hack's signature."""
+    answers = [t[len(p):] for p, t in zip(prompts, texts)]
+    return torch.tensor([float(a.count("!")) for a in answers])
 
 
 def gold_scores(enc, tokens, prompt_len, gold_fn=world.gold_reward):
@@ -99,12 +140,13 @@ def gold_scores(enc, tokens, prompt_len, gold_fn=world.gold_reward):
 @torch.no_grad()
 def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     """The figures of an RL update's batch `ro` (rollout.sample's dict,
-    with raw `scores`): kl the k1 estimate per answer, kl_exact / kl_max
+    with raw `scores`): kl, kl_k3 the k1, k3 estimates per answer, kl_exact / kl_max
     the exact KL(pi || pi_ref) per answer, entropy per response token,
     length in tokens."""
     mask, texts = ro["mask"], ro["texts"]
     kl_exact = (full_kl(ro["logits"], ro["ref_logits"]) * mask).sum(1)
     kl_k1 = sequence_kl(ro["logp"], ro["ref_logp"], mask)
+    kl_k3 = sequence_kl(ro["logp"], ro["ref_logp"], mask, "k3")
 
     logp_all = torch.log_softmax(ro["logits"], -1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -118,11 +160,16 @@ def rollout_metrics(ro, gold_fn=world.gold_reward, valid_fn=world.is_valid):
     means = {"proxy_reward": dist.mean(ro["scores"]),
              "gold_reward": rate(gold_fn),
              "kl": dist.mean(kl_k1),
+             "kl_k3": dist.mean(kl_k3),
              "kl_exact": dist.mean(kl_exact),
              "entropy": dist.masked_mean(entropy, mask),
              "length": dist.mean(mask.sum(1)),
              "valid_rate": rate(valid_fn),
              "eos_rate": dist.mean(ro["ended"])}
+    if valid_fn is not None:  # the world's: the reward model's blind spot
+        bangs = exclaims(ro["prompts"], texts)
+        means["exclaim_share"] = dist.mean((bangs > 0).float())
+        means["exclaims"] = dist.mean(bangs)
     figures = dist.mean_stats(means)
 
     figures["kl_max"] = dist.all_max(kl_exact.max()).item()

@@ -7,6 +7,7 @@ The experiments of leash: what the KL penalty buys, one function (and command) e
     python experiments.py frontier   --out out   # gold reward against KL: PPO, GRPO, RLOO, DPO, online
     python experiments.py klplace    --out out   # GRPO: k3 or k2 in the loss, k1 in the reward
     python experiments.py gold       --out out   # GRPO on the gold reward: beta = 0 against the controller
+    python experiments.py rlvr       --out out   # GRPO, Dr. GRPO, DAPO, GSPO: 0/1 check or reward model
     python experiments.py precision  --out out   # fp32 against bf16 autocast, two seeds each
     python experiments.py kl         --out out   # the KL estimators k1, k2, k3 against the exact KL
     python experiments.py reward     --out out   # what the reward model gets wrong
@@ -41,12 +42,13 @@ import online_dpo
 import reward
 import tokenizer as tok
 import world
-from evaluate import evaluate_policy, gold_scores
+from evaluate import evaluate_policy, gold_scores, verifiable
 from grpo import VARIANTS, GRPOConfig, train_grpo
 from kl import full_kl, k1, k2, k3, sequence_kl, token_kl
 from model import autocast, load_checkpoint, pick_device
 from ppo import PPOConfig, train_ppo
 from reference import freeze, response_mask, token_logprobs, trainable
+from sft import pretraining_loss
 
 
 def read_json(path):
@@ -81,7 +83,7 @@ def setup(out, device):
 def evaluate(env, model):
     """(metrics, texts) of a policy on the held-out prompts, in env's dtype, as train.py does."""
     return evaluate_policy(model, env["enc"], env["data"]["eval_prompts"], env["max_new"], env["device"],
-                           env["dtype"], env["ref"], env["score_fn"])
+                           env["dtype"], env["ref"], env["score_fn"], heldout=env["data"]["eval_references"])
 
 
 def run_file(out, kind, label, cfg, dtype):
@@ -152,9 +154,13 @@ def run_ppo(env, label, cfg, out=None, reward="model"):
     if cached:
         return cached
     t0 = time.time()
-    score_fn = env["score_fn"] if reward == "model" else lambda t, P: gold_scores(env["enc"], t, P)
+    judge = {"gold": world.gold_reward, "verifiable": verifiable}.get(reward)
+    score_fn = env["score_fn"] if reward == "model" else lambda t, P: gold_scores(env["enc"], t, P, judge)
+    ptx = cfg.ptx_coef and pretraining_loss(env["enc"], env["data"]["pretrain"], cfg.minibatch_size,
+                                            env["sft"].cfg.block_size, cfg.seed, env["device"], env["dtype"])
     rest = (env["enc"], env["data"]["train_prompts"], cfg, env["device"], env["dtype"],
-            progress(label, cfg.updates), lambda m: evaluate(env, m)[0])
+            progress(label, cfg.updates), lambda m: evaluate(env, m)[0], world.gold_reward,
+            world.is_valid, ptx or None)
     policy, history = train_ppo(trainable(env["sft"]), env["ref"], score_fn, trainable(env["rm"]), *rest) \
         if is_ppo else train_grpo(trainable(env["sft"]), env["ref"], score_fn, *rest)
     metrics, samples = evaluate(env, policy)
@@ -713,9 +719,8 @@ def reward_model(env, out):
 # ----------------------------------------------------------------------------- 7. where the KL goes
 
 def variant(gcfg, name):
-    """gcfg set to one of grpo.VARIANTS: GRPO, Dr. GRPO or RLOO (advantage, aggregation, kl_in)."""
-    advantage, aggregation, kl_in = VARIANTS[name]
-    return replace(gcfg, advantage=advantage, aggregation=aggregation, kl_in=kl_in)
+    """gcfg (a GRPO config) with one of grpo.VARIANTS' changes."""
+    return replace(gcfg, **VARIANTS[name])
 
 
 KL_PLACES = {"k3 in the loss (GRPO)": dict(kl_in="loss", kl_loss_estimator="k3"),
@@ -761,9 +766,10 @@ def kl_place(env, gcfg, out, betas):
 # ----------------------------------------------------------------------------- 8. a reward not to hack
 
 def gold(env, gcfg, out):
-    """GRPO on the world's exact gold reward (a verifiable reward: nothing to hack) at beta = 0 and with
-    the adaptive controller, beside GRPO at beta = 0 on the reward model: without a proxy, does beta = 0
-    still hurt? Traced per update: gold reward, diversity (distinct-2) and exact KL."""
+    """GRPO on the world's exact, continuous gold reward (nothing to hack) at beta = 0 and with the
+    adaptive controller, beside GRPO at beta = 0 on the reward model: without a proxy, does beta = 0
+    still hurt? Traced per update: gold reward, diversity (distinct-2) and exact KL. `rlvr` asks the
+    same of the whole GRPO family on a 0/1 check (a verifiable reward)."""
     plt = pyplot()
     every_tenth = lambda c: replace(c, eval_every=max(1, c.updates // 10))
     runs = [run_ppo(env, "gold beta=0", every_tenth(no_penalty(gcfg)), out, reward="gold"),
@@ -780,6 +786,68 @@ def gold(env, gcfg, out):
                                                     "kl", "kl_forward", "eos_rate")) + "\n")
     save(out, "gold", [{k: r[k] for k in ("label", "config", "reward", "final")} for r in runs], fig)
     return runs
+
+
+# ----------------------------------------------------------------------- 8b. verifiable rewards
+
+RLVR_VARIANTS = ("grpo", "dr_grpo", "dapo", "gspo")
+RLVR_KEYS = ("gold_reward", "proxy_reward", "kl", "valid_rate", "distinct_2", "heldout_nll",
+             "length", "tied_groups", "resampled", "clip_low", "clip_high")
+
+
+def rlvr_row(run):
+    """A run's final evaluation, with its rollouts' means over the last quarter of updates (answer length
+    in tokens, the share of tied groups, groups resampled per group, the clip fractions)."""
+    last = run["history"][-max(1, len(run["history"]) // 4):]
+    means = {k: sum(h.get(k, 0.0) for h in last) / len(last)
+             for k in ("length", "tied_groups", "resampled", "clip_low", "clip_high")}
+    return {**run, "final": {**run["final"], **means}}
+
+
+def rlvr(env, gcfg, out, ptx_coef=1.0):
+    """GRPO, Dr. GRPO, DAPO and GSPO (grpo.VARIANTS) on the verifiable 0/1 check (evaluate.verifiable:
+    a valid review with gold > 0) and on the learned reward model, each with the leash (the adaptive
+    controller) and without it (beta = 0), and DAPO at beta = 0 with PPO-ptx: where can the KL term go,
+    where does dropping it hack, and what does dropping it cost with nothing to hack (heldout_nll)?
+    Plot: gold reward against KL, proxy against gold, and each variant's answer length per update."""
+    plt = pyplot()
+    runs = []
+    for reward in ("verifiable", "model"):
+        for name in RLVR_VARIANTS:
+            leashed = replace(variant(gcfg, name), kl_controller="adaptive", beta=gcfg.beta)
+            unleashed = replace(leashed, kl_controller="fixed", beta=0.0)
+            for tag, cfg in (("leash", leashed), ("beta=0", unleashed)):
+                runs.append(run_ppo(env, f"{name} {reward} {tag}", cfg, out, reward=reward))
+        ptx = replace(variant(gcfg, "dapo"), ptx_coef=ptx_coef)
+        runs.append(run_ppo(env, f"dapo {reward} beta=0 ptx{ptx_coef:g}", ptx, out, reward=reward))
+    rows = [rlvr_row(r) for r in runs]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = dict(zip(RLVR_VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for r in rows:
+        name, reward, tag = r["label"].split(" ", 2)
+        style = dict(color=colors[name], marker="o" if reward == "verifiable" else "s",
+                     fillstyle="full" if tag == "leash" else "none", linestyle="none", markersize=8)
+        axes[0].plot(r["final"]["kl"], r["final"]["gold_reward"], **style)
+        axes[1].plot(r["final"]["proxy_reward"], r["final"]["gold_reward"], **style)
+        if reward == "verifiable" and tag == "beta=0":
+            axes[2].plot(smooth([h["length"] for h in r["history"]]), color=colors[name], label=name)
+    sft = sft_baseline(env)["final"]
+    for ax in axes[:2]:
+        ax.axhline(sft["gold_reward"], color="gray", linestyle=":", label="SFT")
+    axes[0].set(xlabel="exact KL(pi || pi_ref), nats per answer", ylabel="gold reward (-1..1)",
+                title="circles: 0/1 check, squares: reward model;\nfilled: leash, hollow: beta = 0")
+    axes[1].set(xlabel="proxy reward (SFT standard deviations)", ylabel="gold reward (-1..1)",
+                title="proxy against gold")
+    axes[2].set(xlabel="update", ylabel="answer length (tokens, rollouts)",
+                title="length drift, 0/1 check, beta = 0")
+    axes[2].legend(fontsize=8)
+    for name, color in colors.items():
+        axes[0].plot([], [], color=color, marker="o", linestyle="none", label=name)
+    axes[0].legend(fontsize=8)
+    print("\n" + table([sft_baseline(env)] + rows, RLVR_KEYS) + "\n")
+    save(out, "rlvr", [{k: r[k] for k in ("label", "config", "reward", "final")} for r in rows], fig)
+    return rows
 
 
 # --------------------------------------------------------------------------- 9. the KL-gradient lab
@@ -1087,11 +1155,11 @@ def klgrad(out_plot=KLGRAD_PLOT, as_json=False, max_len=6, n=64, batches=200, se
 # ----------------------------------------------------------------------------- the command line
 
 EXPERIMENTS = ("hacking", "controller", "overopt", "frontier", "precision", "kl", "reward",
-               "klplace", "gold", "klgrad")
+               "klplace", "gold", "rlvr", "klgrad")
 # PPO updates per run when --updates is not given, as a share of the preset's (cpu: 80): the
 # controller needs time to settle; hacking and overopt see the damage well before.
 UPDATE_SHARE = {"hacking": 0.75, "controller": 1.0, "overopt": 0.75, "frontier": 1.0, "precision": 1.0,
-                "klplace": 1.0, "gold": 1.0}
+                "klplace": 1.0, "gold": 1.0, "rlvr": 1.0}
 
 
 def main(argv=None):
@@ -1161,6 +1229,8 @@ def run_experiment(name, args, device):
         kl_place(env, gcfg, args.out, args.grpo_beta)
     elif name == "gold":
         gold(env, gcfg, args.out)
+    elif name == "rlvr":
+        rlvr(env, gcfg, args.out)
     elif name == "precision":
         precision(env, cfg, dcfg, args.out)
     else:

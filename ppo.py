@@ -136,10 +136,11 @@ def explained_variance(values, returns, mask):
 
 
 def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype,
-             check_tol=None):
+             check_tol=None, ptx_loss=None):
     """cfg.epochs of shuffled minibatches over a rollout batch (tokens (B,
     T+1); logp, values, advantages, returns, mask (B, T)); check_tol: the
-    first ratios must be 1 within this. -> the epochs' mean stats."""
+    first ratios must be 1 within this; ptx_loss(policy): a pretraining
+    batch's NLL (cfg.ptx_coef). -> the epochs' mean stats."""
     epochs = []
     for epoch in range(cfg.epochs):
         sums, tokens = {}, 0
@@ -158,6 +159,10 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype,
             v_loss, v_stats = value_loss(values, mb["values"], mb["returns"], mask,
                                          cfg.value_clip)
             total = loss + cfg.vf_coef * v_loss
+            if cfg.ptx_coef:  # PPO-ptx: pretraining's loss mixed in (rollout.py)
+                ptx = ptx_loss(policy)
+                total = total + cfg.ptx_coef * ptx
+                stats["ptx_loss"] = ptx.detach()
             n = mask.sum()
             dist.step(total, optimizer, cfg.max_grad_norm, n, clip_each_group=True)
 
@@ -176,7 +181,7 @@ def optimise(policy, critic, batch, optimizer, cfg, pad_id, device, dtype,
 
 def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu",
               dtype="fp32", log=print, eval_fn=None, gold_fn=world.gold_reward,
-              valid_fn=world.is_valid):
+              valid_fn=world.is_valid, ptx_loss=None):
     """PPO on `policy` (in place) against score_fn(tokens (B, T), prompt_len)
     -> (B,) raw scores; ref = freeze(policy); critic: a ScalarModel copy of
     the reward model. log gets each update's record. -> (policy, records)."""
@@ -194,7 +199,7 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu",
         t0, first = time.time(), update == 0
         ro = rollout.sample(policy, ref, enc, next(batches), budget,
                             cfg.temperature, device, dtype, check=first)
-        scores = rollout.score(ro, score_fn, cfg.no_eos_score, device, dtype)
+        scores = rollout.score(ro, score_fn, cfg, budget, device, dtype)
         mask, beta = ro["mask"], controller.value
 
         # the critic's value of every state, then the KL-shaped rewards
@@ -210,7 +215,8 @@ def train_ppo(policy, ref, score_fn, critic, enc, prompts, cfg, device="cpu",
                      returns=returns, mask=mask, advantages=whiten(advantages, mask))
 
         tol = rollout.tolerance(device, dtype)["ratio"] if first else None
-        stats = optimise(policy, critic, batch, optimizer, cfg, pad, device, dtype, tol)
+        stats = optimise(policy, critic, batch, optimizer, cfg, pad, device, dtype, tol,
+                         ptx_loss)
         stats["explained_variance"] = explained_variance(values, returns, mask)
 
         rec = rollout.record("ppo", update, ro, beta, stats, t0, gold_fn, valid_fn)

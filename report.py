@@ -89,15 +89,16 @@ def comparison_table(summary):
     """A markdown table of every policy's figures on the evaluation prompts."""
     dpo = "DPO + NLL (RPO)" if (summary.get("dpo") or {}).get("sft_coef") else "DPO"
     header = ("| policy | gold reward | proxy reward | KL to ref (nats) "
-              "| valid | distinct-2 | seconds |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              "| valid | distinct-2 | held-out NLL | seconds |")
+    lines = [header, "|---" * 8 + "|"]
     rows = (("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"),
             ("GRPO", "grpo"), (dpo, "dpo"), ("online DPO", "dpo_online"))
     for label, key in rows:
         if m := summary.get(key):
             cells = [label, f"{m['gold_reward']:.3f}", fmt(m.get("proxy_reward")),
                      fmt(m.get("kl"), ".2f"), fmt(m.get("valid_rate")),
-                     f"{m['distinct_2']:.3f}", fmt(m.get("seconds"), ".0f")]
+                     f"{m['distinct_2']:.3f}", fmt(m.get("heldout_nll")),
+                     fmt(m.get("seconds"), ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -116,21 +117,76 @@ def write_samples(path, prompts, columns, gold_fn, valid_fn, n=12):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(out) + "\n"))
 
 
-def plot_rl(history, path, title):
-    """KL and beta, and proxy reward, gold reward and validity, by update."""
+# Each panel of a stage's figure: its title, y axis with unit, the curves
+# (record key, label) of the logged steps, the held-out evaluation's key.
+# A panel no run has data for is left out (DPO has no beta, PPO no margin).
+PANELS = [
+    ("KL to the reference", "nats per answer",
+     [("kl_exact", "exact"), ("kl", "k1 estimate"), ("kl_k3", "k3 estimate")], "eval_kl"),
+    ("KL coefficient", "beta", [("beta", "beta")], None),
+    ("gold reward (the truth)", "gold reward, -1..1", [("gold_reward", "rollouts")],
+     "eval_gold_reward"),
+    ("proxy reward (the reward model)", "SFT standard deviations",
+     [("proxy_reward", "rollouts")], "eval_proxy_reward"),
+    ("validity and the hack", "share of answers",
+     [("valid_rate", "valid"), ("exclaim_share", 'with "!"')], "eval_valid_rate"),
+    ("entropy", "nats per token", [("entropy", "rollouts")], None),
+    ("DPO loss", "nats per pair", [("loss", "loss")], None),
+    ("implicit rewards", "beta * log ratio, nats",
+     [("chosen_reward", "chosen"), ("rejected_reward", "rejected"), ("margin", "margin")],
+     None),
+]
+
+
+def plot_stage(out, name, histories, labels, kl_target):
+    """plots/<name>.png; with PPO's runs with and without the leash both
+    done, plots/hacking.png: the two on the same axes."""
+    if histories[name]:  # (a stage done before plots kept its records: none)
+        plot_rl({labels[name]: histories[name]}, f"{out}/plots/{name}.png", kl_target)
+    if name.startswith("ppo") and {"ppo", "ppo_beta0"} <= set(histories):
+        both = {labels[k]: histories[k] for k in ("ppo", "ppo_beta0")}
+        plot_rl(both, f"{out}/plots/hacking.png", kl_target)
+
+
+def plot_rl(runs, path, kl_target=None):
+    """runs {label: logged records} -> one figure (PANELS, one line style
+    per curve, one colour per run), and gold and proxy reward against the
+    exact KL (the path each run took); kl_target: a dashed line."""
     from matplotlib.figure import Figure  # no pyplot: no GUI, nothing to close
-    steps = [h["step"] for h in history]
-    series = lambda key: [h[key] for h in history]
-    ax1, ax2 = Figure(figsize=(11, 4), layout="tight").subplots(1, 2)
-    ax1.plot(steps, series("kl_exact"), label="exact KL (nats/seq)")
-    ax1.plot(steps, series("kl"), alpha=0.5, label="k1 estimate")
-    ax1.set(xlabel="update", ylabel="KL(pi || pi_ref)", title=f"{title}: KL and beta")
-    ax1.legend(loc="upper left")
-    ax1b = ax1.twinx()
-    ax1b.plot(steps, series("beta"), color="tab:red", label="beta")
-    ax1b.set_ylabel("beta", color="tab:red")
-    ax2.plot(steps, series("proxy_reward"), "-", steps, series("gold_reward"), "-",
-             steps, series("valid_rate"), ":")
-    ax2.set(xlabel="update", title=f"{title}: rewards on training rollouts")
-    ax2.legend(["proxy (reward model)", "gold (the world)", "valid rate"])
-    ax1.figure.savefig(path, dpi=100)
+    has = lambda key: any(key in r for records in runs.values() for r in records)
+    panels = [p for p in PANELS if any(has(key) for key, _ in p[2])]
+    fig = Figure(figsize=(16, 7.5), layout="constrained")
+    axes = fig.subplots(2, (len(panels) + 2) // 2).flatten()
+
+    for ax, (title, unit, curves, eval_key) in zip(axes, panels):
+        for (label, records), color in zip(runs.items(), ("C0", "C3", "C2", "C1")):
+            steps = [r["step"] for r in records]
+            for (key, name), style in zip(curves, ("-", "--", ":")):
+                if has(key):
+                    values = [r.get(key, float("nan")) for r in records]
+                    ax.plot(steps, values, style, color=color, label=f"{label}: {name}")
+            evals = [(r["step"], r[eval_key]) for r in records if eval_key in r]
+            if evals:
+                ax.plot(*zip(*evals), "o", color=color, label=f"{label}: held-out")
+        if title.startswith("KL to") and kl_target:
+            ax.axhline(kl_target, color="gray", linestyle="--", label="KL target")
+        if unit == "beta":
+            ax.set_ylim(bottom=0)  # beta = 0 throughout: a flat line at the bottom
+        ax.set(title=title, xlabel="step", ylabel=unit)
+        ax.legend(fontsize=7)
+
+    spare = list(axes[len(panels):])
+    if has("kl_exact"):  # where each RL run went: reward against KL
+        ax = spare.pop(0)
+        for (label, records), color in zip(runs.items(), ("C0", "C3", "C2", "C1")):
+            kls = [r["kl_exact"] for r in records]
+            ax.plot(kls, [r["gold_reward"] for r in records], "-", color=color,
+                    label=f"{label}: gold")
+            ax.plot(kls, [r["proxy_reward"] for r in records], ":", color=color,
+                    label=f"{label}: proxy")
+        ax.set(title="reward against KL, rollouts", xlabel="exact KL, nats per answer",
+               ylabel="gold (-1..1), proxy (SFT sd)")
+        ax.legend(fontsize=7)
+    for ax in spare:
+        ax.set_visible(False)
+    fig.savefig(path, dpi=100)

@@ -14,15 +14,27 @@ Online DPO (online_dpo.py) samples its pairs with `sample` too. Checks
 before the first update (pi = pi_ref, no step taken) catch bugs that look
 like "RL is flaky" (Huang et al. 2024): log-probs recorded while sampling
 equal recomputed ones (one distribution for sampling and training), the
-policy's equal the reference's (KL 0), the first ratio is 1. An answer
-that runs out of budget without EOS is not an answer: it scores
-`no_eos_score` (PPO, GRPO), and loses to an ended one (online DPO).
+policy's equal the reference's (KL 0), the first ratio is 1.
+
+The rule for an answer that runs out of budget without EOS: it is not an
+answer. It scores `no_eos_score` (PPO, GRPO; None: as judged), and loses
+to an ended one (online DPO). Two options of DAPO's (Yu et al. 2025):
+with cache = `overlong_share` * budget > 0, (length - (budget - cache)) /
+cache comes off the score of every answer longer than budget - cache (1
+at the budget: an unended answer pays it in full; eq. 13), and GRPO's
+`mask_unended` takes unended answers out of the loss (their scores still
+set their group's baseline; TRL's mask_truncated_completions).
+
+PPO-ptx (Ouyang et al. 2022, eq. 2): with `ptx_coef` > 0 PPO and GRPO add
+ptx_coef times the NLL of a batch of pretraining text to every step's
+loss, to keep what pretraining taught (the alignment tax).
 """
 import math
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import dist
 import kl
@@ -49,6 +61,8 @@ class RLConfig:
     kl_target: float = 2.0          # adaptive: wanted KL(pi || pi_ref), nats per answer
     kl_horizon: int = 256           # adaptive: beta moves <= 20% * rollouts / horizon
     no_eos_score: float | None = -2.0  # an unended answer's score, RM units (None: RM's)
+    overlong_share: float = 0.0     # DAPO's soft length penalty: over this end share of the budget
+    ptx_coef: float = 0.0           # PPO-ptx: weight of pretraining's NLL in the loss
     temperature: float = 1.0        # sampling, and every log-prob
     max_new_tokens: int = 0         # response budget; 0: block_size - longest prompt
     eval_every: int = 10            # eval_fn every this many updates (and the last)
@@ -131,7 +145,8 @@ def sample(policy, ref, enc, prompts, budget, temperature, device, dtype,
     """One answer per prompt (at most `budget` tokens) -> dict:
     tokens (B, P+N) left-padded prompt, answer, PAD after EOS; prompt_len P;
     mask, logp, ref_logp (B, P+N-1) aligned with token_logprobs; logits,
-    ref_logits (B, P+N-1, V) at the temperature; ended (B,) bool; texts.
+    ref_logits (B, P+N-1, V) at the temperature; ended (B,) bool; texts
+    (prompt + answer), prompts.
     check: the update-0 checks (module docstring)."""
     tokens, P, gen_logp, texts, ended = answer(policy, enc, prompts, budget, device,
                                                dtype, temperature)
@@ -153,19 +168,58 @@ def sample(policy, ref, enc, prompts, budget, temperature, device, dtype,
     ended = torch.tensor(ended, device=device)
     return dict(tokens=tokens, prompt_len=P, mask=mask, logp=logp,
                 ref_logp=ref_logp, logits=logits, ref_logits=ref_logits,
-                ended=ended, texts=texts)
+                ended=ended, texts=texts, prompts=prompts)
 
 
 @torch.no_grad()
-def score(ro, score_fn, no_eos_score, device, dtype):
+def score(ro, score_fn, cfg, budget, device, dtype):
     """Raw scores score_fn(tokens, prompt_len) (B,), kept in ro["scores"];
-    returned with no_eos_score for each unended answer (None: as is)."""
+    returned after the rule for unended answers (module docstring)."""
     with autocast(device, dtype):
         raw = score_fn(ro["tokens"], ro["prompt_len"]).float()
     ro["scores"] = raw
-    if no_eos_score is None:
-        return raw
-    return torch.where(ro["ended"], raw, no_eos_score)
+    scores = raw
+    if cfg.no_eos_score is not None:
+        scores = torch.where(ro["ended"], raw, cfg.no_eos_score)
+    if cfg.overlong_share:
+        cache = cfg.overlong_share * budget
+        too_long = (ro["mask"].sum(1) - (budget - cache)).clamp(min=0)
+        scores = scores - too_long / cache
+    return scores
+
+
+def join(ros, pad_id):
+    """Several rollouts (sample's dicts) as one batch: every tensor's rows
+    stacked, prompts left-padded to the longest, answers right-padded."""
+    P = max(ro["prompt_len"] for ro in ros)
+    width = P + max(ro["tokens"].shape[1] - ro["prompt_len"] for ro in ros)
+    joined = {"prompt_len": P}
+    for key, value in ros[0].items():
+        if isinstance(value, list):  # texts, prompts
+            joined[key] = [x for ro in ros for x in ro[key]]
+        elif torch.is_tensor(value):
+            joined[key] = torch.cat([widen(ro, key, P, width, pad_id) for ro in ros])
+    return joined
+
+
+def widen(ro, key, P, width, pad_id):
+    """ro[key] with columns added: the prompt's left, the answer's right.
+    Tokens get PAD; masks, log-probs and logits 0 (outside every mask)."""
+    x = ro[key]
+    if x.dim() == 1:
+        return x
+    left = P - ro["prompt_len"]
+    right = width - left - ro["tokens"].shape[1]
+    fill = pad_id if key == "tokens" else 0
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (left, right), value=fill)
+
+
+def take(ro, rows):
+    """The rollout's rows `rows` (a LongTensor), in that order."""
+    index = rows.tolist()
+    picked = {k: [v[i] for i in index] if isinstance(v, list) else v[rows]
+              for k, v in ro.items() if k != "prompt_len"}
+    return {**ro, **picked}
 
 
 def record(stage, update, ro, beta, stats, t0, gold_fn=world.gold_reward,

@@ -4,10 +4,14 @@ Generate from any checkpoint of a run, and judge each completion.
     python sample.py                                   # out/ppo.pt (or the latest stage there)
     python sample.py --ckpt out/sft.pt --prompt "the plot was" --prompt "i watched" -n 3
     python sample.py --ckpt out/dpo.pt --temperature 0.7
+    python sample.py --ckpt out/ppo_beta0.pt --kl     # where the KL is: log pi - log pi_ref per token
 
 Each completion is printed with its gold reward and whether it is a valid sentence of the
 world's language (and the reward model's opinion, when the run has one). The tokenizer is the
 run's (tokenizer.json beside the checkpoint); the default prompts are the run's first eval prompts.
+With --kl each answer's tokens are printed with log pi(token) - log pi_ref(token), the reference being
+the run's SFT model (sft.pt beside the checkpoint), at temperature 1 as in training; their sum is the
+k1 estimate of the answer's KL(pi || pi_ref), the quantity the leash prices.
 """
 import argparse
 import json
@@ -20,6 +24,7 @@ import tokenizer as tok
 import userdata
 import world
 from model import autocast, load_checkpoint, pick_device
+from reference import response_mask, token_logprobs
 
 STAGES = ("ppo.pt", "dpo.pt", "sft.pt", "pretrain.pt")
 
@@ -46,6 +51,22 @@ def default_prompts(cfg, k=4):
     return data["eval_prompts"][:k]
 
 
+@torch.no_grad()
+def token_kl_lines(policy, ref, enc, tokens, prompt_len):
+    """For each answer in tokens (B, T): one line of its tokens, each followed by [log pi - log pi_ref]
+    in nats, and their sum (k1 of the answer's KL)."""
+    pad, eos = tok.pad_id(enc), tok.eos_id(enc)
+    log_ratio = token_logprobs(policy, tokens, pad) - token_logprobs(ref, tokens, pad)
+    mask = response_mask(tokens, prompt_len, pad)
+    lines = []
+    for row, ratios, m in zip(tokens, log_ratio, mask):
+        cols = m.nonzero().flatten().tolist()
+        words = [("<EOS>" if row[c + 1] == eos else enc.decode([row[c + 1].item()])) for c in cols]
+        pieces = [f"{w.strip() or repr(w)}[{ratios[c].item():+.2f}]" for w, c in zip(words, cols)]
+        lines.append(" ".join(pieces) + f"  = {sum(ratios[c].item() for c in cols):+.2f} nats")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="sample from a leash checkpoint")
     p.add_argument("--out", default="out", help="the run's output folder")
@@ -56,6 +77,8 @@ def main(argv=None):
                    help="sampling temperature (1 = the policy as trained)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where to run")
+    p.add_argument("--kl", action="store_true",
+                   help="print each answer token's log pi - log pi_ref against the run's sft.pt")
     args = p.parse_args(argv)
     if args.temperature <= 0:
         sys.exit("error: --temperature must be > 0")
@@ -96,6 +119,14 @@ def main(argv=None):
         judged += f"  valid {'yes' if valid_fn(text) else 'no '}" if valid_fn else ""
         judged += f"  proxy {s:+.2f}" if s is not None else ""
         print(f"[{judged}{'' if e else '  no EOS'}]  {text}")
+    if args.kl:
+        ref_path = os.path.join(folder, "sft.pt")
+        if not os.path.exists(ref_path):
+            sys.exit(f"error: --kl needs the reference, {ref_path}")
+        ref = load_checkpoint(ref_path, device)[0]
+        print("\nwhere the KL is, log pi - log pi_ref per answer token (nats):\n")
+        for text, line in zip(texts, token_kl_lines(model, ref, enc, tokens, ids.shape[1])):
+            print(f"{text}\n    {line}")
 
 
 if __name__ == "__main__":

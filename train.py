@@ -13,9 +13,9 @@ alone writes and prints, and a failing rank stops the run with one line.
 import json
 import os
 import random
+import shutil
 import sys
 import time
-import traceback
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -30,14 +30,14 @@ import world
 from cli import ALGOS, fail, parse_args, settings, stage_configs
 from dpo import train_dpo
 from online_dpo import reward_model_judge, train_online_dpo
-from evaluate import evaluate_policy, gold_scores
+from evaluate import evaluate_policy, gold_scores, verifiable
 from grpo import train_grpo
 from model import GPT, GPTConfig, load_checkpoint, pick_device, pick_dtype, save_checkpoint
 from ppo import train_ppo
 from reference import freeze, trainable
 from report import (Logger, comparison_table, flops_per_token, fmt, matmul_peak_flops,
-                    plot_rl, read_json, write_json, write_samples)
-from sft import finetune, pretrain
+                    plot_stage, read_json, write_json, write_samples)
+from sft import finetune, pretrain, pretraining_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,7 +94,7 @@ def main(argv=None):
                "reward_model": rm_result,
                "world_reference": {"gold_reward": sum(map(env.gold_fn, refs)) / len(refs),
                                    "distinct_2": world.distinct_n(refs, 2)}}
-    columns = {"SFT": sft_result["samples"]}
+    columns, histories = {"SFT": sft_result["samples"]}, {}
     print(f"sft: valid {fmt(sft_metrics['valid_rate'])}, gold {sft_metrics['gold_reward']:.3f}"
           f" | reward model: val accuracy {rm_result['val_accuracy']:.3f}, gold-label "
           f"ceiling {rm_result['gold_label_accuracy']:.3f}")
@@ -102,14 +102,14 @@ def main(argv=None):
     # ---- RLHF, each from the SFT model: PPO (and beta = 0), GRPO, DPO, online DPO
     for name in args.stages:
         train_fn = dpo_stage if name.startswith("dpo") else rl_stage
-        run_cfg = {**asdict(configs[name]), **extra_config(args, name)}
+        extra = {"dpo": {}, "dpo_online": {"judge": args.judge}}.get(name, {"reward": args.reward})
+        run_cfg = {**asdict(configs[name]), **extra}
         policy, result = stage(env, name, {**cfg, name: run_cfg},
                                lambda: train_fn(run, name, configs[name]))
         summary[name] = {k: v for k, v in result.items() if k not in ("history", "samples")}
-        columns[args.labels[name]] = result["samples"]
+        columns[args.labels[name]], histories[name] = result["samples"], result.get("history")
         if dist.is_main():
-            if "history" in result:
-                plot_rl(result["history"], f"{out}/plots/{name}.png", args.labels[name])
+            plot_stage(out, name, histories, args.labels, summary[name].get("kl_target"))
             write_json(f"{out}/summary.json", summary)
 
     # ---- the results: summary.json, samples side by side, the comparison table
@@ -167,6 +167,9 @@ def stage(env, name, config, run):
     is_tokenizer = name == "tokenizer"
     path = f"{env.out}/tokenizer.json" if is_tokenizer else f"{env.out}/{name}.pt"
     model = None
+    if env.args.from_ and dist.is_main():  # --from: a finished run's stage, if it matches
+        copy_stage(env.args.from_, env.out, name, os.path.basename(path), config)
+    dist.barrier()  # rank 0 has copied before any rank looks
     if os.path.exists(marker) and read_json(marker)["config"] == config:
         try:
             if is_tokenizer:
@@ -195,11 +198,23 @@ def stage(env, name, config, run):
     return model, result
 
 
+def copy_stage(source, out, name, file, config):
+    """--from: source's stage `name` (its file, then its marker) into out,
+    if out has no such stage yet and source's has the same config."""
+    marker = f"{source}/stages/{name}.json"
+    if os.path.exists(f"{out}/stages/{name}.json") or not os.path.exists(marker):
+        return
+    if read_json(marker)["config"] == config:
+        shutil.copyfile(f"{source}/{file}", f"{out}/{file}")
+        shutil.copyfile(marker, f"{out}/stages/{name}.json")
+
+
 def evaluate(run, policy, keep=None):
     """A policy's held-out figures (and samples, into `keep`)."""
     metrics, samples = evaluate_policy(policy, run.enc, run.data["eval_prompts"], run.budget,
                                        run.device, run.dtype, run.ref, run.score_fn, 1234,
-                                       run.gold_fn, run.valid_fn)
+                                       run.gold_fn, run.valid_fn,
+                                       heldout=run.data["eval_references"])
     if keep is not None:
         keep.update(metrics, samples=samples)
     return metrics
@@ -218,30 +233,27 @@ def reward_stage(env, enc, sft, rcfg, log):
     return rm, {**metrics, "n_unended_answers": n_unended, "pairs": pairs}
 
 
-def extra_config(args, name):
-    """What a stage's result depends on beyond its config dataclass."""
-    extra = {"dpo": {}, "dpo_online": {"judge": args.judge}}
-    return extra.get(name, {"reward": args.reward})
-
-
 def rl_stage(run, name, cfg):
-    """PPO (ppo_beta0: beta 0) or GRPO on the reward model (or gold reward)."""
+    """PPO (ppo_beta0: beta 0) or GRPO on the reward model, the gold reward
+    or the verifiable 0/1 check (--reward)."""
     score_fn = run.score_fn
-    if run.args.reward == "gold":
-        score_fn = lambda tokens, P: gold_scores(run.enc, tokens, P, run.gold_fn)
+    judges = {"gold": run.gold_fn, "verifiable": verifiable}  # (verifiable: not with --data)
+    if judge := judges.get(run.args.reward):
+        score_fn = lambda tokens, P: gold_scores(run.enc, tokens, P, judge)
     result, t0 = {}, time.time()
     log = lambda rec: run.log({**rec, "stage": name})
+    ptx = cfg.ptx_coef and pretraining_loss(run.enc, run.data["pretrain"], cfg.minibatch_size,
+                                            run.sft.cfg.block_size, cfg.seed + dist.rank(),
+                                            run.device, run.dtype)
     rest = (run.enc, run.data["train_prompts"], cfg, run.device, run.dtype, log,
-            lambda m: evaluate(run, m, result), run.gold_fn, run.valid_fn)
+            lambda m: evaluate(run, m, result), run.gold_fn, run.valid_fn, ptx or None)
     if name.startswith("ppo"):
         policy, history = train_ppo(trainable(run.sft), run.ref, score_fn,
                                     trainable(run.rm), *rest)
     else:
         policy, history = train_grpo(trainable(run.sft), run.ref, score_fn, *rest)
-    curves = ("step", "kl", "kl_exact", "beta", "proxy_reward", "gold_reward", "valid_rate")
     result.update(kl_target=cfg.kl_target if cfg.kl_controller == "adaptive" else None,
-                  beta_final=history[-1]["beta"], seconds=time.time() - t0,
-                  history=[{k: h[k] for k in curves} for h in history])
+                  beta_final=history[-1]["beta"], seconds=time.time() - t0, history=history)
     return policy, result
 
 
@@ -260,7 +272,7 @@ def dpo_stage(run, name, cfg):
         policy, history = train_dpo(trainable(run.sft), run.ref, run.enc, train_pairs, cfg,
                                     run.device, run.dtype, run.log, keep, val_pairs)
     result.update(implicit_accuracy=history["implicit_accuracy"], beta=cfg.beta,
-                  sft_coef=cfg.sft_coef, seconds=history["seconds"])
+                  sft_coef=cfg.sft_coef, seconds=history["seconds"], history=history["records"])
     return policy, result
 
 
@@ -283,12 +295,4 @@ if __name__ == "__main__":
     except Exception as e:  # under torchrun: one line naming the rank, not N tracebacks
         if dist.world_size() == 1:
             raise
-        ours = [f for f in traceback.extract_tb(e.__traceback__)
-                if f.filename.startswith(HERE + os.sep)]
-        where = os.path.basename(ours[-1].filename) if ours else ""
-        if where == "dist.py":  # a collective broke: another rank died, and torchrun
-            time.sleep(5)       # ends this one (its line or torchrun's says why)
-        at = f" ({where}:{ours[-1].lineno})" if ours else ""
-        first_line = (str(e).splitlines() or [""])[0][:300]
-        sys.exit(f"error: rank {dist.rank()}/{dist.world_size()}: {type(e).__name__}: "
-                 f"{first_line}{at}")
+        dist.exit_naming_rank(e, HERE)

@@ -28,6 +28,8 @@ def refused(argv, capsys):
     (["--grpo-variant", "grpo2"], "grpo2"),
     (["--kl-in", "both"], "--kl-in both"),
     (["--reward", "human"], "--reward human"),
+    (["--reward", "verifiable", "--data", "README.md"], "--reward verifiable"),
+    (["--ptx-coef", "-1"], "--ptx-coef"),
     (["--kl-estimator", "k4"], "k4"),
     (["--kl-loss-estimator", "k5"], "--kl-loss-estimator k5"),
     (["--device", "cuda"], "cuda"),
@@ -67,9 +69,14 @@ def test_bad_data_files(capsys, tmp_path):
 
 def test_algo_lists():
     parse = lambda *argv: train.parse_args(list(argv)).algos
-    assert parse() == ["ppo", "dpo"] and parse("--algo", "both") == ["ppo", "dpo"]
-    assert parse("--algo", "all") == ["ppo", "grpo", "dpo", "dpo-online"]
+    assert parse() == parse("--algo", "all") == ["ppo", "grpo", "dpo", "dpo-online"]
+    assert parse("--algo", "both") == ["ppo", "dpo"]
     assert parse("--algo", "grpo,dpo-online") == ["grpo", "dpo-online"]
+    # the default run is the lesson: PPO with the leash, then without it, then the others
+    stages = lambda *argv: train.parse_args(list(argv)).stages
+    assert stages() == ["ppo", "ppo_beta0", "grpo", "dpo", "dpo_online"]
+    assert stages("--skip-beta0") == ["ppo", "grpo", "dpo", "dpo_online"]
+    assert stages("--algo", "grpo") == ["grpo"]  # no PPO, no PPO with beta = 0
 
 
 def test_stage_configs_is_the_one_place_where_flags_become_configs():
@@ -97,6 +104,26 @@ def test_stage_configs_is_the_one_place_where_flags_become_configs():
     assert default["ppo"].kl_controller == "adaptive" and default["dpo_online"].steps == 80
     assert stage_configs(train.parse_args(["--dpo-sft-coef", "0.5"]), "cpu", PRESETS["cpu"],
                          41)["dpo_online"].sft_coef == 0.5
+    assert default["ppo"].ptx_coef == default["grpo"].ptx_coef == 0.0
+
+
+def test_grpo_variants_and_their_overrides():
+    """--grpo-variant dapo is DAPO as published (clip 0.2 / 0.28, token-level mean, dynamic sampling,
+    unended answers masked and shaped, beta 0); a flag given still wins (--beta, --kl-in); gspo's one ratio
+    per answer; --ptx-coef reaches PPO and GRPO."""
+    from cli import PRESETS, stage_configs
+    configs = lambda argv: stage_configs(train.parse_args(argv), "cpu", PRESETS["cpu"], budget=41)
+    dapo = configs(["--grpo-variant", "dapo"])["grpo"]
+    assert (dapo.clip_eps, dapo.clip_eps_high, dapo.aggregation, dapo.advantage) == (0.2, 0.28, "token", "group")
+    assert dapo.dynamic_sampling and dapo.mask_unended and dapo.overlong_share == 0.25
+    assert dapo.kl_controller == "fixed" and dapo.beta == 0.0
+    leashed = configs(["--grpo-variant", "dapo", "--beta", "0.1", "--kl-in", "reward"])["grpo"]
+    assert (leashed.beta, leashed.kl_in, leashed.clip_eps_high) == (0.1, "reward", 0.28)
+    gspo = configs(["--grpo-variant", "gspo"])["grpo"]
+    assert gspo.ratio_level == "sequence" and (gspo.clip_eps, gspo.clip_eps_high) == (0.01, 0.015)
+    assert gspo.kl_controller == "adaptive" and not gspo.dynamic_sampling
+    ptx = configs(["--ptx-coef", "0.5"])
+    assert ptx["ppo"].ptx_coef == ptx["grpo"].ptx_coef == ptx["ppo_beta0"].ptx_coef == 0.5
 
 
 def test_too_few_preference_pairs_is_one_line_not_a_traceback(capsys, tmp_path):

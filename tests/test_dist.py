@@ -202,6 +202,20 @@ def sampled_answers(enc):
     return seen
 
 
+def dynamic_sampling(enc):
+    """grpo.train_grpo with DAPO's dynamic sampling where rank 0's groups always tie (it resamples up to the
+    cap at every update) and rank 1's never do: the ranks resample different numbers of times, so no
+    collective may sit in the resampling loop, or this would hang."""
+    policy = tiny_gpt(enc, seed=13, block_size=16, n_layer=1)
+    ties = dist.rank() == 0
+    score_fn = lambda tokens, P: torch.zeros(len(tokens)) if ties else torch.rand(len(tokens))
+    cfg = grpo.GRPOConfig(updates=2, rollouts=8, group_size=2, minibatch_size=4, max_new_tokens=6,
+                          no_eos_score=None, dynamic_sampling=True, max_resampled=3)
+    trained, history = grpo.train_grpo(trainable(policy), freeze(policy), score_fn, enc, ["the film"] * 8, cfg,
+                                       log=lambda r: None)
+    return {"resampled": [h["resampled"] for h in history], "digest": weights_digest(trained)}
+
+
 def preference_pairs(enc):
     """train.reward_stage where each rank's annotators label the pairs differently (rank 1 flips
     every label): every rank must train on rank 0's pairs, or offline DPO's steps would differ."""
@@ -236,7 +250,7 @@ def cases():
         return {"sft": sft_step(enc), "reward": reward_step(enc), "ppo": ppo_step(enc), "dpo": dpo_step(enc),
                 "dpo_rank_without_pairs": dpo_step(enc, none_on_rank0=True), **steps,
                 "rollout_metrics": rollout_figures(enc), "answers": sampled_answers(enc),
-                "preference_pairs": preference_pairs(enc),
+                "preference_pairs": preference_pairs(enc), "dynamic_sampling": dynamic_sampling(enc),
                 "whiten": {"rows": ppo.whiten(x[mine], mask[mine]), "mask": mask[mine]},
                 "grpo_batch_std": {"rows": grpo.group_advantages(scores[dist.shard(8)], 2, "batch")},
                 "shard": {"rows": torch.tensor([dist.shard(5).start, dist.shard(5).stop]),
@@ -319,6 +333,15 @@ def test_ranks_sample_different_answers_in_every_rl_loop(results):
         answers = [r["answers"][loop] for r in ranks]
         assert len(set(answers[0])) > 1, loop  # the policy does sample varied answers
         assert answers[0] != answers[1], loop
+
+
+def test_ranks_resampling_different_numbers_of_times_finish_in_step(results):
+    """Rank 0 drew 3 fresh groups per update (its cap), rank 1 none: both finished both updates with the
+    same weights, and log the global share, 3 of 4 groups, as one process with rank 0's ties does."""
+    single, ranks = results
+    assert ranks[0]["dynamic_sampling"]["digest"] == ranks[1]["dynamic_sampling"]["digest"]
+    for r in (single, *ranks):
+        assert r["dynamic_sampling"]["resampled"] == [0.75, 0.75]
 
 
 def test_every_rank_trains_on_rank_0s_preference_pairs(results):

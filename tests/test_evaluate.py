@@ -40,3 +40,33 @@ def test_exact_kl_is_kl_of_the_policy_from_the_reference():
     assert metrics["kl"] == pytest.approx(forward.mean().item(), rel=1e-5)
     assert metrics["kl_max"] == pytest.approx(forward.max().item(), rel=1e-5)
     assert metrics["kl"] != pytest.approx(backward.mean().item(), rel=1e-2)
+
+
+def test_heldout_nll_is_the_mean_nll_of_each_review_and_its_eos():
+    """heldout_nll by hand: every review encoded alone with its EOS, -log pi of each token after the first,
+    summed over all reviews and divided by their number of tokens (a mean per token, not per review),
+    whatever the batch size; evaluate_policy reports it when given reviews."""
+    enc = tok.train_tokenizer(TEXTS, 300)
+    model = tiny_gpt(enc, 0)
+    texts = TEXTS[:4] + ["it was a mess. i loved the plot!"]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tok.encode(enc, text) + [tok.eos_id(enc)]])
+        logp = torch.log_softmax(model(ids).float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])
+        total, count = total - logp.sum().item(), count + ids.shape[1] - 1
+    for batch_size in (2, 256):
+        assert evaluate.heldout_nll(model, enc, texts, "cpu", batch_size=batch_size) == pytest.approx(total / count)
+    metrics, _ = evaluate.evaluate_policy(model, enc, PROMPTS[:4], 4, "cpu", heldout=texts)
+    assert metrics["heldout_nll"] == pytest.approx(total / count)
+
+
+def test_verifiable_is_one_only_for_a_valid_review_that_reads_well():
+    assert evaluate.verifiable("the film was good.") == 1.0
+    assert evaluate.verifiable("the film was bad.") == 0.0  # valid, gold < 0
+    assert evaluate.verifiable("the film was good") == 0.0  # not a sentence: invalid
+    assert evaluate.verifiable("the film was good.", gold_fn=lambda t: 0.0) == 0.0  # gold must be > 0
+
+
+def test_exclaims_counts_the_answer_not_the_prompt():
+    bangs = evaluate.exclaims(["it was great!", "the film"], ["it was great! the film was good!!", "the film is ok."])
+    assert bangs.tolist() == [2.0, 0.0]

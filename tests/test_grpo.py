@@ -12,7 +12,7 @@ import rollout
 import tokenizer as tok
 from helpers import TabularPolicy, tiny_gpt
 from kl import k1, k3
-from reference import freeze
+from reference import freeze, token_logprobs
 from test_kl import grads_on_categorical, reward_batch
 
 
@@ -174,10 +174,9 @@ def test_short_run_raises_a_trivial_reward(enc, variant):
         real = (resp != pad).float()
         return ((resp == target).float() * real).sum(1) / real.sum(1).clamp(min=1)
     policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
-    advantage, aggregation, kl_in = grpo.VARIANTS[variant]
-    cfg = grpo.GRPOConfig(updates=20, rollouts=48, group_size=8, minibatch_size=24, lr=1e-2, advantage=advantage,
-                          aggregation=aggregation, kl_in=kl_in, kl_controller="fixed", beta=0.01, no_eos_score=None,
-                          max_new_tokens=8, eval_every=100)
+    base = dict(updates=20, rollouts=48, group_size=8, minibatch_size=24, lr=1e-2, kl_controller="fixed",
+                beta=0.01, no_eos_score=None, max_new_tokens=8, eval_every=100)
+    cfg = grpo.GRPOConfig(**{**base, **grpo.VARIANTS[variant]})
     records = []
     _, history = grpo.train_grpo(policy, freeze(policy), score_fn, enc, PROMPTS * 20, cfg, log=records.append)
     assert len(history) == 20 and records == history
@@ -186,7 +185,8 @@ def test_short_run_raises_a_trivial_reward(enc, variant):
     assert first < 0.05 and last > 0.3, (first, last)
     assert abs(history[0]["kl_exact"]) < 1e-6 and history[-1]["kl_exact"] > 0.1
     for key in ("gold_reward", "kl", "kl_max", "beta", "entropy", "clipfrac", "approx_kl", "policy_loss",
-                "length", "valid_rate", "distinct_2", "eos_rate", "eta_s", "zero_std_groups"):
+                "length", "valid_rate", "distinct_2", "eos_rate", "eta_s", "tied_groups", "tied_after",
+                "resampled", "clip_low", "clip_high"):
         assert math.isfinite(history[-1][key]), key
 
 
@@ -428,3 +428,77 @@ def test_grpo_loss_equals_trls_compute_loss(loss_type, aggregation, level, eps_h
         assert expected != pytest.approx(trl_loss_by_hand(loss_type, level, 0.2), rel=1e-3)
     with pytest.raises(ValueError, match="ratio_level"):
         grpo.grpo_loss(logp, old_logp, ref_logp, adv, mask, ratio_level="answer")
+
+
+# ----------------------------------------------------------------------------- DAPO's loop options
+
+def tie_prone_score(enc):
+    """1 for answers whose first token is even, for prompts starting "the"; 0 for every other prompt's
+    answers: those groups always tie."""
+    def score_fn(tokens, P):
+        first = tokens[:, P]
+        starts_the = torch.tensor([tok.encode(enc, "the")[0] in row.tolist() for row in tokens[:, :P]])
+        return ((first % 2 == 0) & starts_the).float()
+    return score_fn
+
+
+@pytest.mark.parametrize("cap", [64, 0])
+def test_dynamic_sampling_leaves_no_tied_group_when_the_cap_allows(enc, monkeypatch, cap):
+    """train_grpo with dynamic_sampling: the batch optimise receives keeps its size, and with room in the
+    cap has no group whose scores all tie (so no group of all-zero advantages); with cap 0 the batch is the
+    first draw, ties and all, and the record counts them."""
+    optimised = []
+    spy(monkeypatch, grpo, "optimise", optimised)
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+    cfg = grpo.GRPOConfig(updates=3, rollouts=24, group_size=4, minibatch_size=12, max_new_tokens=4,
+                          no_eos_score=None, dynamic_sampling=True, max_resampled=cap)
+    _, history = grpo.train_grpo(policy, freeze(policy), tie_prone_score(enc), enc, PROMPTS * 4, cfg,
+                                 log=lambda r: None)
+    for (args, _), rec in zip(optimised, history):
+        adv = args[1]["advantages"].view(-1, 4)
+        assert adv.shape[0] == 6
+        zero_groups = (adv.abs().amax(1) == 0).float().mean().item()
+        assert rec["tied_groups"] > 0
+        if cap:
+            assert zero_groups == 0 and rec["tied_after"] == 0 and rec["resampled"] > 0
+        else:
+            assert zero_groups == pytest.approx(rec["tied_after"]) and rec["tied_after"] == rec["tied_groups"]
+            assert rec["resampled"] == 0
+
+
+def test_mask_unended_takes_unended_answers_out_of_the_loss_only(enc, monkeypatch):
+    """mask_unended: the loss mask optimise receives is 0 on every unended answer's row, the same as the
+    sampled mask elsewhere; the advantages still use the unended answers' scores."""
+    samples, optimised = [], []
+    spy(monkeypatch, rollout, "sample", samples)
+    spy(monkeypatch, grpo, "optimise", optimised)
+    policy = tiny_gpt(enc, 0, block_size=16, n_layer=1, eos_bias=2.0)
+    cfg = grpo.GRPOConfig(updates=1, rollouts=16, group_size=4, minibatch_size=16, max_new_tokens=4,
+                          no_eos_score=-7.0, mask_unended=True, advantage="none", kl_controller="fixed", beta=0.0)
+    grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.full((t.shape[0],), 0.5), enc, PROMPTS * 4, cfg,
+                    log=lambda r: None)
+    ro, batch = samples[0][1], optimised[0][0][1]
+    ended = ro["ended"]
+    assert 0 < ended.sum() < len(ended)
+    assert torch.equal(batch["mask"], ro["mask"] * ended[:, None])
+    scores = torch.where(ended, 0.5, -7.0).view(-1, 4)
+    assert torch.allclose(batch["advantages"], (scores - scores.mean(1, keepdim=True)).flatten())
+
+
+def test_ptx_mixes_the_pretraining_loss_into_every_step(enc):
+    """ptx_coef: with every advantage 0 and no KL the clipped objective has no gradient, so the policy moves
+    only through ptx_coef * ptx_loss: the NLL of the pretraining text falls, and not at all without it
+    (Adam's step of a zero gradient is zero; no weight decay on this path)."""
+    text = tok.left_pad([tok.encode(enc, TEXTS[0])], tok.pad_id(enc))
+    nll = lambda m: -token_logprobs(m, text).mean()
+    after = {}
+    for coef in (0.0, 1.0):
+        policy = tiny_gpt(enc, 0, block_size=16, n_layer=1)
+        before = nll(policy).item()
+        cfg = grpo.GRPOConfig(updates=2, rollouts=8, group_size=4, minibatch_size=8, max_new_tokens=4,
+                              kl_controller="fixed", beta=0.0, ptx_coef=coef, lr=1e-2)
+        _, history = grpo.train_grpo(policy, freeze(policy), lambda t, P: torch.zeros(t.shape[0]), enc,
+                                     PROMPTS, cfg, log=lambda r: None, ptx_loss=nll)
+        after[coef] = nll(policy).item() - before
+        assert ("ptx_loss" in history[-1]) == bool(coef)
+    assert after[0.0] == pytest.approx(0.0, abs=1e-6) and after[1.0] < -0.1, after

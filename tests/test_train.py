@@ -40,8 +40,12 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_fl
     out = run(a, flags)
     assert "reusing" not in out
     summary = json.load(open(os.path.join(a, "summary.json")))
-    for key in ("val_loss", "valid_rate", "gold_reward", "distinct_2"):
+    for key in ("val_loss", "valid_rate", "gold_reward", "distinct_2", "heldout_nll", "exclaim_share", "exclaims"):
         assert key in summary["sft"]
+    # the default run: every method, and PPO without the leash beside PPO with it
+    assert {"ppo", "ppo_beta0", "grpo", "dpo", "dpo_online"} <= set(summary)
+    for name in ("ppo", "ppo_beta0", "grpo", "dpo", "dpo_online"):
+        assert summary[name]["heldout_nll"] > 0 and 0 <= summary[name]["exclaim_share"] <= 1, name
     for key in ("val_accuracy", "gold_label_accuracy", "n_unended_answers"):
         assert key in summary["reward_model"]
     for key in ("gold_reward", "proxy_reward", "kl", "kl_target", "beta_final", "valid_rate", "distinct_2", "seconds"):
@@ -53,7 +57,8 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_fl
     assert {"pretrain", "sft", "reward_model", "ppo", "dpo"} <= {r["stage"] for r in records}
     assert [r["step"] for r in records if r["stage"] == "ppo"] == [0, 1, 2, 3]
     assert any("eval_gold_reward" in r for r in records if r["stage"] == "dpo")  # DPO's eval, prefixed
-    for f in ("samples.md", "plots/ppo.png", "tokenizer.json",
+    for f in ("samples.md", "plots/ppo.png", "plots/ppo_beta0.png", "plots/hacking.png", "plots/grpo.png",
+              "plots/dpo.png", "plots/dpo_online.png", "tokenizer.json",
               *(f"{name}.pt" for name in STAGES[1:])):
         assert os.path.exists(os.path.join(a, f)), f
     # every stage left a marker with its config and result; the reward model's config is there
@@ -73,7 +78,8 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_fl
     rm, _ = load_checkpoint(os.path.join(a, "reward_model.pt"))
     assert type(policy) is GPT and type(rm) is ScalarModel
     assert policy.cfg.vocab_size == tok.padded_vocab_size(enc) and policy.cfg.n_out == tok.pad_id(enc)
-    # Same seed, same config, CPU: the same figures.
+    # Same seed, same config, CPU: the same figures (PPO and DPO only, to keep the test short).
+    flags = flags + ["--algo", "both", "--skip-beta0"]
     run(b, flags)
     assert figures(a) == figures(b)
     # A stage killed mid-write left garbage, another never finished: the re-run reuses the
@@ -90,6 +96,13 @@ def test_tiny_pipeline_end_to_end_deterministic_and_resumable(tmp_path, dtype_fl
     # the two runs into b each opened their part of the (appended) metrics file with a marker
     records = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
     assert [r["stage"] for r in records].count("run") == 2 and records[0]["stage"] == "run"
+    # --from: a new folder starts from a's finished stages whose config is the same; PPO's is not
+    c = str(tmp_path / "c")
+    out = run(c, flags + ["--from", a, "--algo", "ppo", "--skip-beta0", "--beta", "0.05"])
+    for name in ("tokenizer", "pretrain", "sft", "reward_model"):
+        assert f"{name}: reusing" in out, name
+    assert "ppo: reusing" not in out and "pretrain   " not in out  # no pretraining step was logged
+    assert json.load(open(os.path.join(c, "summary.json")))["sft"] == summary["sft"]
     # another config for a stage redoes that stage and the ones after it, not the ones before
     other = [("10" if x == "20" else x) for x in SHORT]  # --dpo-steps 10
     out = run(b, other + ["--algo", "dpo"] + dtype_flag)
