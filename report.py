@@ -88,16 +88,17 @@ def fmt(x, spec=".3f"):
 def comparison_table(summary):
     """A markdown table of every policy's figures on the evaluation prompts."""
     dpo = "DPO + NLL (RPO)" if (summary.get("dpo") or {}).get("sft_coef") else "DPO"
-    header = ("| policy | gold reward | proxy reward | KL to ref (nats) "
-              "| valid | distinct-2 | held-out NLL | seconds |")
-    lines = [header, "|---" * 8 + "|"]
+    header = ("| policy | gold reward | proxy reward | KL to ref (nats) | valid "
+              '| distinct-2 | with "!" | held-out NLL | seconds |')
+    lines = [header, "|---" * 9 + "|"]
     rows = (("SFT", "sft"), ("PPO", "ppo"), ("PPO, beta=0", "ppo_beta0"),
             ("GRPO", "grpo"), (dpo, "dpo"), ("online DPO", "dpo_online"))
     for label, key in rows:
         if m := summary.get(key):
             cells = [label, f"{m['gold_reward']:.3f}", fmt(m.get("proxy_reward")),
                      fmt(m.get("kl"), ".2f"), fmt(m.get("valid_rate")),
-                     f"{m['distinct_2']:.3f}", fmt(m.get("heldout_nll")),
+                     f"{m['distinct_2']:.3f}", fmt(m.get("exclaim_share"), ".2f"),
+                     fmt(m.get("heldout_nll")),
                      fmt(m.get("seconds"), ".0f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
