@@ -75,6 +75,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -497,24 +498,36 @@ def grpo_rows(s):
         ppo_opt, grpo_opt = ppo_optimizer(m, device), adamw(policy.parameters(), device, gcfg.lr,
                                                              betas=(0.9, 0.999), eps=1e-5)
 
-        def grpo_update():  # train_grpo's, the same way (its stats made global, as ppo.optimise's)
-            budget = gcfg.max_new_tokens
-            ro = rollout.sample(policy, m["ref"], enc, group_prompts, budget, gcfg.temperature, device,
-                                dtype)
-            scores = rollout.score(ro, m["score_fn"], gcfg, gcfg.max_new_tokens, device, dtype)
-            adv = grpo.advantages(scores, ro["logp"], ro["ref_logp"], ro["mask"], gcfg.beta, gcfg)
-            batch = dict(tokens=ro["tokens"], logp=ro["logp"], ref_logp=ro["ref_logp"], mask=ro["mask"],
+        def grpo_update(cfg):  # train_grpo's update, the same way (its stats made global)
+            budget, G = cfg.max_new_tokens, cfg.group_size
+
+            def draw(k):  # k groups (dynamic sampling draws more when groups tie)
+                ro = rollout.sample(policy, m["ref"], enc, group_prompts[:k * G], budget,
+                                    cfg.temperature, device, dtype)
+                return ro, rollout.score(ro, m["score_fn"], cfg, budget, device, dtype)
+            ro, scores = draw(len(group_prompts) // G)
+            if cfg.dynamic_sampling:
+                ro, scores, _ = grpo.dynamic_sample(ro, scores, draw, G, cfg.max_resampled, pad)
+            mask = ro["mask"] * ro["ended"][:, None] if cfg.mask_unended else ro["mask"]
+            adv = grpo.advantages(scores, ro["logp"], ro["ref_logp"], ro["mask"], cfg.beta, cfg)
+            batch = dict(tokens=ro["tokens"], logp=ro["logp"], ref_logp=ro["ref_logp"], mask=mask,
                          advantages=adv)
-            dist.mean_stats(*grpo.optimise(policy, batch, grpo_opt, gcfg, gcfg.beta, budget, pad, device,
+            dist.mean_stats(*grpo.optimise(policy, batch, grpo_opt, cfg, cfg.beta, budget, pad, device,
                                            dtype))
-        rounds = take_turns({"ppo": functools.partial(ppo_update, m, ppo_opt, device, dtype),
-                             "grpo": grpo_update}, device, *run["reps"])
+        variants = {v: replace(gcfg, **grpo.VARIANTS[v]) for v in ("grpo", "dapo", "gspo")}
+        turns = {v: functools.partial(grpo_update, c) for v, c in variants.items()}
+        rounds = take_turns({"ppo": functools.partial(ppo_update, m, ppo_opt, device, dtype), **turns},
+                            device, *run["reps"])
         ratio = statistics.median(g / p for g, p in zip(rounds["grpo"], rounds["ppo"]))
         yield (f"GRPO against PPO {s['name']}, {s['rollouts']} x ({s['prompt']}+{s['response']}), "
                f"{gcfg.epochs} epochs x {s['rollouts'] // s['minibatch']} minibatches"), "s per update", \
             statistics.median(rounds["grpo"])
         yield "  PPO, the same rounds", "s per update", statistics.median(rounds["ppo"])
         yield "  GRPO / PPO, median of per-round ratios", "ratio", ratio
+        for v in ("dapo", "gspo"):  # DAPO: no tie here to resample (the reward model's scores)
+            yield f"  {v} (grpo.VARIANTS), the same rounds", "s per update", statistics.median(rounds[v])
+            yield f"  {v} / PPO, median of per-round ratios", "ratio", \
+                statistics.median(g / p for g, p in zip(rounds[v], rounds["ppo"]))
     return bench
 
 

@@ -15,12 +15,16 @@ from reward import RewardConfig
 from sft import TrainConfig
 
 # Model, data and steps per preset: "cpu" fits a laptop or 2 cores (the
-# default without CUDA), "tiny" is CI's smoke test, "gpu" is about
-# nanoGPT's shakespeare-char size.
+# default without CUDA), "class" the same in a third of the time (for
+# coursework), "tiny" is CI's smoke test, "gpu" is about nanoGPT's
+# shakespeare-char size.
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1024,
                  n_pretrain=4000, n_sft=2000, eval_prompts=128,
                  pretrain_steps=200, sft_steps=100, batch_size=32, lr=2e-3),
+    "class": dict(n_layer=3, n_head=4, n_embd=96, block_size=64, vocab_size=1024,
+                  n_pretrain=20000, n_sft=8000, eval_prompts=128,
+                  pretrain_steps=700, sft_steps=300, batch_size=32, lr=1e-3),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=1024,
                 n_pretrain=20000, n_sft=8000, eval_prompts=256,
                 pretrain_steps=1000, sft_steps=400, batch_size=32, lr=1e-3),
@@ -37,6 +41,10 @@ STAGES = {
                  grpo=dict(updates=8, rollouts=32, eval_every=4),
                  dpo=dict(steps=40, batch_size=16),
                  dpo_online=dict(steps=8, batch_size=16)),
+    "class": dict(reward=dict(n_prompts=800, world_groups=1500, steps=400),
+                  ppo=dict(updates=50, rollouts=48, lr=5e-5, kl_horizon=128, eval_every=25),
+                  grpo=dict(updates=50, rollouts=48, lr=5e-5, kl_horizon=128, eval_every=25),
+                  dpo=dict(steps=30), dpo_online=dict(steps=16)),
     "cpu": dict(reward={}, ppo={}, grpo={}, dpo={}, dpo_online=dict(steps=80)),
     "gpu": dict(reward=dict(n_prompts=2000, steps=500),
                 ppo=dict(updates=150, rollouts=256, minibatch_size=64),

@@ -132,21 +132,22 @@ PANELS = [
     ("validity and the hack", "share of answers",
      [("valid_rate", "valid"), ("exclaim_share", 'with "!"')], "eval_valid_rate"),
     ("entropy", "nats per token", [("entropy", "rollouts")], None),
-    ("DPO loss", "nats per pair", [("loss", "loss")], None),
+    ("DPO loss (with RPO's NLL term)", "nats per pair", [("loss", "loss")], None),
     ("implicit rewards", "beta * log ratio, nats",
      [("chosen_reward", "chosen"), ("rejected_reward", "rejected"), ("margin", "margin")],
      None),
 ]
 
 
-def plot_stage(out, name, histories, labels, kl_target):
+def plot_stage(out, name, histories, labels, summary):
     """plots/<name>.png; with PPO's runs with and without the leash both
     done, plots/hacking.png: the two on the same axes."""
     if histories[name]:  # (a stage done before plots kept its records: none)
-        plot_rl({labels[name]: histories[name]}, f"{out}/plots/{name}.png", kl_target)
+        plot_rl({labels[name]: histories[name]}, f"{out}/plots/{name}.png",
+                summary[name].get("kl_target"))
     if name.startswith("ppo") and {"ppo", "ppo_beta0"} <= set(histories):
         both = {labels[k]: histories[k] for k in ("ppo", "ppo_beta0")}
-        plot_rl(both, f"{out}/plots/hacking.png", kl_target)
+        plot_rl(both, f"{out}/plots/hacking.png", summary["ppo"].get("kl_target"))
 
 
 def plot_rl(runs, path, kl_target=None):
@@ -155,7 +156,7 @@ def plot_rl(runs, path, kl_target=None):
     exact KL (the path each run took); kl_target: a dashed line."""
     from matplotlib.figure import Figure  # no pyplot: no GUI, nothing to close
     has = lambda key: any(key in r for records in runs.values() for r in records)
-    panels = [p for p in PANELS if any(has(key) for key, _ in p[2])]
+    panels = [p for p in PANELS if any(has(key) for key, _ in p[2]) or has(p[3])]
     fig = Figure(figsize=(16, 7.5), layout="constrained")
     axes = fig.subplots(2, (len(panels) + 2) // 2).flatten()
 

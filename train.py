@@ -109,7 +109,7 @@ def main(argv=None):
         summary[name] = {k: v for k, v in result.items() if k not in ("history", "samples")}
         columns[args.labels[name]], histories[name] = result["samples"], result.get("history")
         if dist.is_main():
-            plot_stage(out, name, histories, args.labels, summary[name].get("kl_target"))
+            plot_stage(out, name, histories, args.labels, summary)
             write_json(f"{out}/summary.json", summary)
 
     # ---- the results: summary.json, samples side by side, the comparison table
