@@ -515,6 +515,9 @@ def grpo_rows(s):
             dist.mean_stats(*grpo.optimise(policy, batch, grpo_opt, cfg, cfg.beta, budget, pad, device,
                                            dtype))
         variants = {v: replace(gcfg, **grpo.VARIANTS[v]) for v in ("grpo", "dapo", "gspo")}
+        # the untrained policy's answers never end, so every group ties (all no_eos_score) and
+        # DAPO draws fresh groups up to its cap: dynamic sampling's worst case, and without it
+        variants["dapo, no dynamic sampling"] = replace(variants["dapo"], dynamic_sampling=False)
         turns = {v: functools.partial(grpo_update, c) for v, c in variants.items()}
         rounds = take_turns({"ppo": functools.partial(ppo_update, m, ppo_opt, device, dtype), **turns},
                             device, *run["reps"])
@@ -524,7 +527,7 @@ def grpo_rows(s):
             statistics.median(rounds["grpo"])
         yield "  PPO, the same rounds", "s per update", statistics.median(rounds["ppo"])
         yield "  GRPO / PPO, median of per-round ratios", "ratio", ratio
-        for v in ("dapo", "gspo"):  # DAPO: no tie here to resample (the reward model's scores)
+        for v in ("dapo", "dapo, no dynamic sampling", "gspo"):
             yield f"  {v} (grpo.VARIANTS), the same rounds", "s per update", statistics.median(rounds[v])
             yield f"  {v} / PPO, median of per-round ratios", "ratio", \
                 statistics.median(g / p for g, p in zip(rounds[v], rounds["ppo"]))

@@ -169,7 +169,8 @@ def rollout_figures(enc):
     picked = torch.randint(11, (4, 13))  # the sampled tokens
     logp = lambda x: torch.log_softmax(x, -1).gather(-1, picked[..., None])[..., 0]
     ro = dict(mask=mask, logits=logits, ref_logits=ref_logits, logp=logp(logits), ref_logp=logp(ref_logits),
-              scores=torch.randn(4), ended=torch.tensor([True, False, True, True]), texts=TEXTS[:4])
+              scores=torch.randn(4), ended=torch.tensor([True, False, True, True]), texts=TEXTS[:4],
+              prompts=[t.split()[0] for t in TEXTS[:4]])
     figures = evaluate.rollout_metrics({k: v[dist.shard(4)] for k, v in ro.items()})
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in figures.items()}
 
@@ -361,7 +362,7 @@ def test_whitening_over_two_ranks_equals_whitening_the_whole_batch(results):
 
 
 # ----------------------------------------------------------------------------- torchrun end to end
-STAGES = ["pretrain", "sft", "reward_model", "ppo", "grpo", "dpo", "dpo_online"]
+STAGES = ["pretrain", "sft", "reward_model", "ppo", "ppo_beta0", "grpo", "dpo", "dpo_online"]
 SAME = re.compile(r"^(\w+): the same weights on all 2 ranks \(sha256 (\w+)\)$", re.M)
 # A test-only watcher, put on the ranks' path as sitecustomize: every file a rank opens for writing, creates,
 # renames or removes under LEASH_OUT is listed in LEASH_WRITES.<rank> (Python's audit hooks see them all).
@@ -408,9 +409,9 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, dtype_flag):
     writes = {r: (tmp_path / f"writes.{r}").read_text() for r in "01" if (tmp_path / f"writes.{r}").exists()}
     assert set(writes) == {"0"} and f"{out}/summary.json" in writes["0"], writes  # it saw rank 0's
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names}
-    assert files == {"tokenizer.json", "metrics.jsonl", "summary.json", "samples.md", "plots/ppo.png",
-                     "plots/grpo.png", *(f"{n}.pt" for n in STAGES), *(f"stages/{n}.json" for n in
-                                                                       ["tokenizer", *STAGES])}
+    assert files == {"tokenizer.json", "metrics.jsonl", "summary.json", "samples.md", "plots/hacking.png",
+                     *(f"plots/{n}.png" for n in STAGES[3:]), *(f"{n}.pt" for n in STAGES),
+                     *(f"stages/{n}.json" for n in ["tokenizer", *STAGES])}
     records = [(r["stage"], r["step"]) for r in map(json.loads, open(f"{out}/metrics.jsonl"))]
     assert len(records) == len(set(records)) and records[0] == ("run", 0)
     assert [step for stage, step in records if stage == "ppo"] == [0, 1, 2, 3]

@@ -265,7 +265,7 @@ def test_a_misspelt_readme_command_is_caught():
 @pytest.mark.parametrize("text", [
     "`python experiments.py NAME --out OUT`",
     "`python experiments.py controller --out OUT --kl-target 2 4 --seed S`",
-    "`python train.py --algo ppo,grpo --beta=0.05 --no-kl-baseline`",
+    "`python train.py --algo ppo,grpo --beta=0.05 --skip-beta0`",
     "`python sample.py --out out -n 4 --prompt 'the film was'`",
     "```bash\ntorchrun --standalone --nproc_per_node N train.py       # N GPUs\n"
     "python -m pytest -x tests/test_kl.py\n```",
