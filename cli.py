@@ -145,7 +145,7 @@ def parse_args(argv=None):
         if f.type is bool:
             kind = dict(action="store_true")
         else:
-            kind = dict(type=f.type, default=f.default)
+            kind = dict(type=f.type, default=f.default, metavar=f.name.strip("_").upper())
         name = "--" + f.name.strip("_").replace("_", "-")  # from_: --from
         parser.add_argument(name, dest=f.name, help=help, **kind)
     args = Args(**vars(parser.parse_args(argv)))
