@@ -123,7 +123,7 @@ def verifiable(text, gold_fn=world.gold_reward, valid_fn=world.is_valid):
 def exclaims(prompts, texts):
     """(B,) "!" in each answer (text minus prompt): the hack's signature."""
     answers = [t[len(p):] for p, t in zip(prompts, texts)]
-    return torch.tensor([float(a.count("!")) for a in answers])
+    return torch.tensor([float(world.n_exclaim(a)) for a in answers])
 
 
 def gold_scores(enc, tokens, prompt_len, gold_fn=world.gold_reward):
