@@ -156,11 +156,11 @@ def run_ppo(env, label, cfg, out=None, reward="model"):
     t0 = time.time()
     judge = {"gold": world.gold_reward, "verifiable": verifiable}.get(reward)
     score_fn = env["score_fn"] if reward == "model" else lambda t, P: gold_scores(env["enc"], t, P, judge)
-    ptx = cfg.ptx_coef and pretraining_loss(env["enc"], env["data"]["pretrain"], cfg.minibatch_size,
-                                            env["sft"].cfg.block_size, cfg.seed, env["device"], env["dtype"])
+    ptx = pretraining_loss(env["enc"], env["data"]["pretrain"], cfg.minibatch_size, env["sft"].cfg.block_size,
+                           cfg.seed, env["device"], env["dtype"]) if cfg.ptx_coef else None
     rest = (env["enc"], env["data"]["train_prompts"], cfg, env["device"], env["dtype"],
             progress(label, cfg.updates), lambda m: evaluate(env, m)[0], world.gold_reward,
-            world.is_valid, ptx or None)
+            world.is_valid, ptx)
     policy, history = train_ppo(trainable(env["sft"]), env["ref"], score_fn, trainable(env["rm"]), *rest) \
         if is_ppo else train_grpo(trainable(env["sft"]), env["ref"], score_fn, *rest)
     metrics, samples = evaluate(env, policy)

@@ -137,6 +137,7 @@ PANELS = [
      [("chosen_reward", "chosen"), ("rejected_reward", "rejected"), ("margin", "margin")],
      None),
 ]
+COLORS = ("C0", "C3", "C2", "C1")  # one per run on the same axes
 
 
 def plot_stage(out, name, histories, labels, summary):
@@ -161,7 +162,7 @@ def plot_rl(runs, path, kl_target=None):
     axes = fig.subplots(2, (len(panels) + 2) // 2).flatten()
 
     for ax, (title, unit, curves, eval_key) in zip(axes, panels):
-        for (label, records), color in zip(runs.items(), ("C0", "C3", "C2", "C1")):
+        for (label, records), color in zip(runs.items(), COLORS):
             steps = [r["step"] for r in records]
             for (key, name), style in zip(curves, ("-", "--", ":")):
                 if has(key):
@@ -180,7 +181,7 @@ def plot_rl(runs, path, kl_target=None):
     spare = list(axes[len(panels):])
     if has("kl_exact"):  # where each RL run went: reward against KL
         ax = spare.pop(0)
-        for (label, records), color in zip(runs.items(), ("C0", "C3", "C2", "C1")):
+        for (label, records), color in zip(runs.items(), COLORS):
             kls = [r["kl_exact"] for r in records]
             ax.plot(kls, [r["gold_reward"] for r in records], "-", color=color,
                     label=f"{label}: gold")

@@ -242,11 +242,11 @@ def rl_stage(run, name, cfg):
         score_fn = lambda tokens, P: gold_scores(run.enc, tokens, P, judge)
     result, t0 = {}, time.time()
     log = lambda rec: run.log({**rec, "stage": name})
-    ptx = cfg.ptx_coef and pretraining_loss(run.enc, run.data["pretrain"], cfg.minibatch_size,
-                                            run.sft.cfg.block_size, cfg.seed + dist.rank(),
-                                            run.device, run.dtype)
+    ptx = pretraining_loss(run.enc, run.data["pretrain"], cfg.minibatch_size,
+                           run.sft.cfg.block_size, cfg.seed + dist.rank(), run.device,
+                           run.dtype) if cfg.ptx_coef else None
     rest = (run.enc, run.data["train_prompts"], cfg, run.device, run.dtype, log,
-            lambda m: evaluate(run, m, result), run.gold_fn, run.valid_fn, ptx or None)
+            lambda m: evaluate(run, m, result), run.gold_fn, run.valid_fn, ptx)
     if name.startswith("ppo"):
         policy, history = train_ppo(trainable(run.sft), run.ref, score_fn,
                                     trainable(run.rm), *rest)
